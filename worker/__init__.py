@@ -1,0 +1,1 @@
+"""instant-key-worker: booking events in, delivered Seam Instant Keys out, deleted at expiry."""

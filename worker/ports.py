@@ -1,0 +1,87 @@
+"""The seams between the flows and the outside world: Seam, delivery channels, the scheduler."""
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class UserIdentity:
+    user_identity_id: str
+    user_identity_key: str | None = None
+    full_name: str | None = None
+    email_address: str | None = None
+    phone_number: str | None = None
+
+
+@dataclass(frozen=True)
+class InstantKey:
+    instant_key_id: str
+    user_identity_id: str
+    created_at: datetime
+    expires_at: datetime
+    # A bearer credential for doors: kept out of repr so it cannot leak into logs or tracebacks.
+    instant_key_url: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class KeyMessage:
+    """What a channel sends to a guest."""
+
+    full_name: str | None
+    phone_number: str | None
+    email_address: str | None
+    locale: str
+    expires_at: datetime
+    url: str = field(repr=False)
+
+
+class Seam(Protocol):
+    async def get_user_identity(
+        self, *, user_identity_id: str | None = None, user_identity_key: str | None = None
+    ) -> UserIdentity | None:
+        """The identity, or None when Seam answers 404."""
+
+    async def create_user_identity(
+        self,
+        *,
+        user_identity_key: str | None,
+        full_name: str | None,
+        email_address: str | None,
+        phone_number: str | None,
+    ) -> UserIdentity: ...
+
+    async def list_instant_keys(self, user_identity_id: str) -> list[InstantKey]: ...
+
+    async def generate_instant_key(
+        self,
+        user_identity_id: str,
+        *,
+        customization_profile_id: str | None = None,
+        max_use_count: int | None = None,
+    ) -> InstantKey: ...
+
+    async def delete_instant_key(self, instant_key_id: str) -> None:
+        """Delete; a key that is already gone (404) counts as done."""
+
+    async def check(self) -> None:
+        """Cheap authenticated call; raises CredentialsRefused when the API key is refused."""
+
+
+class Channel(Protocol):
+    name: str  # "sms" or "email", as in the event's delivery.channels
+
+    def reaches(self, message: KeyMessage) -> bool:
+        """True when the message has the contact this channel needs."""
+
+    async def send(self, message: KeyMessage) -> str:
+        """Send; returns the provider's message id.
+
+        Raises ChannelRefused (try the next channel), Transient (retry the event later) or
+        CredentialsRefused.
+        """
+
+    async def check(self) -> None:
+        """Raises CredentialsRefused when the provider refuses our credentials."""
+
+    async def close(self) -> None: ...
