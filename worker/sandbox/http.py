@@ -19,7 +19,7 @@ class Served:
         server = site._server
         assert server is not None and server.sockets  # type: ignore[attr-defined]
         bound = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        self.url = f"http://{host}:{bound}"
+        self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{bound}"
         return self.url
 
     async def stop(self) -> None:

@@ -1,0 +1,24 @@
+"""Open the robust connection, or say in one line that RabbitMQ is not there."""
+
+from urllib.parse import urlsplit
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+
+
+class BrokerUnreachable(Exception):
+    pass
+
+
+async def connect(url: str, name: str = "instant-key-worker") -> AbstractRobustConnection:
+    try:
+        return await aio_pika.connect_robust(
+            url, fail_fast=True, client_properties={"connection_name": name}
+        )
+    except (OSError, aio_pika.exceptions.AMQPError) as exc:
+        parts = urlsplit(url)
+        raise BrokerUnreachable(
+            f"cannot reach RabbitMQ at {parts.hostname}:{parts.port or 5672} "
+            f"({type(exc).__name__}); start one with `rabbitmq-server -detached` or "
+            "`docker run -d -p 5672:5672 rabbitmq:3.13`, or point AMQP_URL at yours"
+        ) from None

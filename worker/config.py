@@ -1,0 +1,202 @@
+"""Settings read from the environment and validated at start, with one plain line per problem."""
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """Raised with every problem found, one per line, each naming its variable."""
+
+
+@dataclass(frozen=True)
+class SmsSettings:
+    account_sid: str
+    auth_token: str = ""
+    from_: str | None = None
+    messaging_service_sid: str | None = None
+    api_url: str = "https://api.twilio.com"
+
+    def __repr__(self) -> str:
+        return f"SmsSettings(account_sid={self.account_sid!r}, api_url={self.api_url!r})"
+
+
+@dataclass(frozen=True)
+class EmailSettings:
+    host: str
+    port: int
+    sender: str
+    username: str | None = None
+    password: str | None = None
+    tls: str = "starttls"
+
+    def __repr__(self) -> str:
+        return f"EmailSettings(host={self.host!r}, port={self.port}, tls={self.tls!r})"
+
+
+@dataclass(frozen=True)
+class Settings:
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    namespace: str = "instant_keys"
+    prefetch: int = 32
+    seam_endpoint: str = "https://connect.getseam.com"
+    seam_api_key: str = ""
+    sms: SmsSettings | None = None
+    email: EmailSettings | None = None
+    http_port: int = 8080
+    min_key_lifetime: float = 3600.0
+    max_attempts: int = 10
+    max_retry_age: float = 86400.0
+    shutdown_grace: float = 30.0
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(namespace={self.namespace!r}, seam_endpoint={self.seam_endpoint!r}, "
+            f"sms={self.sms!r}, email={self.email!r})"
+        )
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+SECRETS = ("SEAM_API_KEY", "TWILIO_AUTH_TOKEN", "SMTP_PASSWORD", "AMQP_URL")
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def text(self, name: str, default: str | None = None) -> str | None:
+        file_name = self.env.get(f"{name}_FILE")
+        if name in SECRETS and file_name:
+            try:
+                return Path(file_name).read_text().strip() or None
+            except OSError as exc:
+                self.problems.append(f"{name}_FILE: cannot read {file_name}: {exc.strerror}")
+                return None
+        value = self.env.get(name, "").strip()
+        return value or default
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or not low <= int(raw) <= high:
+            self.problems.append(f"{name}: must be a whole number from {low} to {high}, got {raw!r}")
+            return default
+        return int(raw)
+
+    def duration(self, name: str, default: float) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        match = _DURATION.match(raw)
+        if not match:
+            self.problems.append(
+                f"{name}: must be a duration such as 90, 90s, 15m, 2h or 1d, got {raw!r}"
+            )
+            return default
+        return float(match[1]) * _UNITS[match[2]]
+
+    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        raw = self.text(name, default) or default
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not parts.hostname:
+            shown = raw if name not in SECRETS else f"{parts.scheme}://…"
+            self.problems.append(
+                f"{name}: must be a {' or '.join(schemes)} URL with a host, got {shown!r}"
+            )
+        return raw.rstrip("/")
+
+    def require(self, name: str, why: str) -> str:
+        value = self.text(name)
+        if value is None:
+            self.problems.append(f"{name}: required {why}")
+            return ""
+        return value
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and check every setting; raise ConfigError listing every problem."""
+    r = _Reader(os.environ if env is None else env)
+    settings = Settings(
+        amqp_url=r.url("AMQP_URL", Settings.amqp_url, ("amqp", "amqps")),
+        namespace=_namespace(r),
+        prefetch=r.integer("IKW_PREFETCH", Settings.prefetch, 1, 10_000),
+        seam_endpoint=r.url("SEAM_ENDPOINT", Settings.seam_endpoint, ("http", "https")),
+        seam_api_key=r.require("SEAM_API_KEY", "(the Seam API key, or SEAM_API_KEY_FILE)"),
+        sms=_sms(r),
+        email=_email(r),
+        http_port=r.integer("IKW_HTTP_PORT", Settings.http_port, 0, 65535),
+        min_key_lifetime=r.duration("IKW_MIN_KEY_LIFETIME", Settings.min_key_lifetime),
+        max_attempts=r.integer("IKW_MAX_ATTEMPTS", Settings.max_attempts, 1, 1000),
+        max_retry_age=r.duration("IKW_MAX_RETRY_AGE", Settings.max_retry_age),
+        shutdown_grace=r.duration("IKW_SHUTDOWN_GRACE", Settings.shutdown_grace),
+    )
+    if not r.problems and settings.sms is None and settings.email is None:
+        r.problems.append(
+            "TWILIO_ACCOUNT_SID / SMTP_HOST: no delivery channel is configured; set the "
+            "TWILIO_* variables for SMS or SMTP_HOST and EMAIL_FROM for email"
+        )
+    if r.problems:
+        raise ConfigError("\n".join(r.problems))
+    return settings
+
+
+def _namespace(r: _Reader) -> str:
+    value = r.text("IKW_NAMESPACE", Settings.namespace) or Settings.namespace
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        r.problems.append(
+            f"IKW_NAMESPACE: use 1 to 64 letters, digits, '_' or '-', got {value[:80]!r}"
+        )
+    return value
+
+
+def _sms(r: _Reader) -> SmsSettings | None:
+    names = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_FROM", "TWILIO_MESSAGING_SERVICE_SID")
+    if not any(r.text(n) for n in names):
+        return None
+    why = "for SMS (any TWILIO_* variable turns SMS on)"
+    sid = r.require("TWILIO_ACCOUNT_SID", why)
+    token = r.require("TWILIO_AUTH_TOKEN", why)
+    from_, service = r.text("TWILIO_FROM"), r.text("TWILIO_MESSAGING_SERVICE_SID")
+    if not (from_ or service):
+        r.problems.append(f"TWILIO_FROM or TWILIO_MESSAGING_SERVICE_SID: one is required {why}")
+    if from_ and not re.fullmatch(r"\+[1-9][0-9]{6,14}|[A-Za-z0-9 ]{1,11}", from_):
+        r.problems.append(f"TWILIO_FROM: must be an E.164 number or an alphanumeric sender id")
+    api_url = r.url("TWILIO_API_URL", SmsSettings.api_url, ("http", "https"))
+    return SmsSettings(sid, token, from_, service, api_url)
+
+
+def _email(r: _Reader) -> EmailSettings | None:
+    host = r.text("SMTP_HOST")
+    sender = r.text("EMAIL_FROM")
+    if not (host or sender):
+        return None
+    why = "for email (SMTP_HOST or EMAIL_FROM turns email on)"
+    host = r.require("SMTP_HOST", why)
+    sender = r.require("EMAIL_FROM", why)
+    if sender and "@" not in sender:
+        r.problems.append("EMAIL_FROM: must be an email address, such as keys@example.com")
+    tls = (r.text("SMTP_TLS", "starttls") or "starttls").lower()
+    if tls not in ("none", "starttls", "tls"):
+        r.problems.append(f"SMTP_TLS: must be none, starttls or tls, got {tls!r}")
+    port = r.integer("SMTP_PORT", {"none": 25, "starttls": 587, "tls": 465}.get(tls, 587), 1, 65535)
+    username, password = r.text("SMTP_USERNAME"), r.text("SMTP_PASSWORD")
+    if bool(username) != bool(password):
+        r.problems.append("SMTP_USERNAME and SMTP_PASSWORD: set both or neither")
+    return EmailSettings(host, port, sender, username, password, tls)
+
+
+def broker_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Only what the broker commands (publish, topology, dlq) need."""
+    r = _Reader(os.environ if env is None else env)
+    settings = Settings(
+        amqp_url=r.url("AMQP_URL", Settings.amqp_url, ("amqp", "amqps")), namespace=_namespace(r)
+    )
+    if r.problems:
+        raise ConfigError("\n".join(r.problems))
+    return settings

@@ -1,0 +1,97 @@
+"""Export the message models as JSON Schema files and an AsyncAPI 3 document for producers."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from worker.broker.topology import Names
+from worker.events import AccessGranted, AccessRevoked, Model
+
+PUBLIC: dict[str, type[Model]] = {
+    "access.granted.v1": AccessGranted,
+    "access.revoked.v1": AccessRevoked,
+}
+
+
+def json_schema(name: str, model: type[Model]) -> dict[str, Any]:
+    schema = model.model_json_schema(mode="validation")
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://schemas.instant-key-worker.dev/{name}.json",
+        **schema,
+    }
+
+
+def asyncapi(names: Names) -> dict[str, Any]:
+    messages = {
+        name.replace(".", "_"): {
+            "name": name,
+            "title": model.model_config.get("title", name),
+            "summary": (model.__doc__ or "").strip(),
+            "contentType": "application/json",
+            "payload": {"$ref": f"./{name}.json"},
+        }
+        for name, model in PUBLIC.items()
+    }
+    channels = {}
+    operations = {}
+    for queue, routing_key in names.work_queues.items():
+        if routing_key is None:
+            continue
+        key = routing_key.replace(".", "_")
+        message = f"{routing_key}.v1".replace(".", "_")
+        channels[key] = {
+            "address": routing_key,
+            "messages": {message: {"$ref": f"#/components/messages/{message}"}},
+            "bindings": {
+                "amqp": {
+                    "is": "routingKey",
+                    "exchange": {"name": names.exchange, "type": "topic", "durable": True},
+                    "bindingVersion": "0.3.0",
+                }
+            },
+            "description": f"Consumed from the quorum queue {queue}.",
+        }
+        operations[f"publish_{key}"] = {
+            "action": "send",
+            "channel": {"$ref": f"#/channels/{key}"},
+            "summary": "Publish persistent, mandatory, with publisher confirms.",
+            "bindings": {
+                "amqp": {"deliveryMode": 2, "mandatory": True, "bindingVersion": "0.3.0"}
+            },
+        }
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "instant-key-worker",
+            "version": "1.0.0",
+            "description": "Events that booking systems publish for instant-key-worker to consume.",
+        },
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": operations,
+        "components": {"messages": messages},
+    }
+
+
+def render() -> dict[str, str]:
+    """File name -> content, exactly as written to schemas/."""
+    files = {f"{n}.json": json_schema(n, m) for n, m in PUBLIC.items()}
+    files["asyncapi.json"] = asyncapi(Names())
+    return {name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in files.items()}
+
+
+def write(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in render().items():
+        (folder / name).write_text(text)
+    return sorted(render())
+
+
+def stale(folder: Path) -> list[str]:
+    """Files in ``folder`` that differ from what the models export."""
+    return [
+        name
+        for name, text in render().items()
+        if not (folder / name).exists() or (folder / name).read_text() != text
+    ]

@@ -1,0 +1,96 @@
+"""`ikw demo`: stand-ins, a worker and two grants in one process, shown as the guests see them."""
+
+import asyncio
+import json
+import os
+import uuid
+from datetime import UTC, datetime
+
+from worker import config, logs
+from worker.broker import topology
+from worker.broker.connect import connect
+from worker.broker.publisher import Publisher
+from worker.broker.topology import Names
+from worker.logs import mask_email, mask_phone
+from worker.sandbox import wait_for
+from worker.sandbox.all import Sandbox
+from worker.service import Service
+
+GUESTS = [
+    ("guest-ada", "Ada Lovelace", "+14155550100", None, ["sms", "email"], "en"),
+    ("guest-grace", "Grace Hopper", None, "grace@example.com", ["sms", "email"], "fr"),
+]
+
+
+def grant(key: str, name: str, phone: str | None, email: str | None, channels: list[str],
+          locale: str) -> bytes:
+    event_id = str(uuid.uuid4())
+    return json.dumps(
+        {
+            "type": "access.granted",
+            "version": 1,
+            "event_id": event_id,
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "grant_id": f"demo-{event_id[:8]}",
+            "user_identity": {
+                "user_identity_key": key,
+                "full_name": name,
+                "phone_number": phone,
+                "email_address": email,
+            },
+            "delivery": {"channels": channels, "locale": locale},
+        }
+    ).encode()
+
+
+async def demo(key_lifetime: float) -> int:
+    logs.setup("WARNING")
+    amqp_url = os.environ.get("AMQP_URL", config.Settings.amqp_url)
+    names = Names(f"ikw_demo_{uuid.uuid4().hex[:8]}")
+    connection = await connect(amqp_url, "ikw demo")
+    sandbox = Sandbox(key_lifetime=key_lifetime)
+    await sandbox.start()
+    print(f"stand-ins up: Seam {sandbox.seam.url}, Twilio {sandbox.twilio.url}, "
+          f"SMTP {sandbox.smtp.host}:{sandbox.smtp.port}")
+    env = sandbox.env() | {
+        "AMQP_URL": amqp_url,
+        "IKW_NAMESPACE": names.namespace,
+        "IKW_MIN_KEY_LIFETIME": "0",
+        "IKW_HTTP_PORT": "0",
+    }
+    service = Service(config.load(env))
+    try:
+        await service.start()
+        await wait_for(lambda: service.ready, 10, "the worker to be ready")
+        print(f"worker up on namespace {names.namespace}, consuming {names.grants}")
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        publisher = Publisher(channel, names)
+        for guest in GUESTS:
+            await publisher.publish_event("access.granted", grant(*guest), str(uuid.uuid4()))
+            print(f"published access.granted for {guest[0]}")
+        await wait_for(
+            lambda: sandbox.twilio.outbox and sandbox.smtp.messages, 30, "the SMS and the email"
+        )
+        show(sandbox)
+        keys = dict(sandbox.seam.keys)
+        print(f"\nwaiting for the {len(keys)} keys to expire ({key_lifetime:.0f} s) ...")
+        await wait_for(lambda: not sandbox.seam.keys, key_lifetime + 30, "deletion at expiry")
+        for key in keys.values():
+            print(f"deleted from Seam: instant key {key['instant_key_id']} "
+                  f"(expired at {key['expires_at']})")
+        print("\ndemo done: 2 grants delivered, 2 keys deleted at expiry")
+        return 0
+    finally:
+        await service.stop()
+        async with connection:
+            await topology.delete(await connection.channel(), names)
+        await sandbox.stop()
+
+
+def show(sandbox: Sandbox) -> None:
+    sms = sandbox.twilio.outbox[0]
+    print(f"\n--- SMS to {mask_phone(sms['to'])} from {sms['from']} ---\n{sms['body']}")
+    mail = sandbox.smtp.messages[0]
+    print(f"\n--- email to {mask_email(mail['To'].addresses[0].addr_spec)}, subject: {mail['Subject']} ---")
+    text = mail.get_body(("plain",))
+    print(text.get_content() if text else "(no text part)")

@@ -1,0 +1,181 @@
+"""The message contract: pydantic models for every message type and version (the source of truth)."""
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from worker.errors import InvalidEvent
+
+MAX_BODY_BYTES = 64 * 1024
+E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+Text = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_not_blank)]
+Phone = Annotated[str, Field(pattern=E164_PATTERN, description="E.164, e.g. +14155550100")]
+
+
+class Model(BaseModel):
+    # Unknown fields are ignored so producers can add fields within a version.
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class IdentityRef(Model):
+    """Names a Seam user identity by its id or by the producer's own key (at least one)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {
+                    "required": ["user_identity_id"],
+                    "properties": {"user_identity_id": {"type": "string"}},
+                },
+                {
+                    "required": ["user_identity_key"],
+                    "properties": {"user_identity_key": {"type": "string"}},
+                },
+            ]
+        }
+    )
+    user_identity_id: Text | None = None
+    user_identity_key: Text | None = None
+
+    @model_validator(mode="after")
+    def _id_or_key(self) -> "IdentityRef":
+        if not (self.user_identity_id or self.user_identity_key):
+            raise ValueError("user_identity needs user_identity_id or user_identity_key")
+        return self
+
+    @property
+    def lock_key(self) -> str:
+        """One name per identity, whichever way the event names it."""
+        if self.user_identity_key:
+            return f"key:{self.user_identity_key}"
+        return f"id:{self.user_identity_id}"
+
+
+class GuestIdentity(IdentityRef):
+    full_name: Text | None = None
+    email_address: EmailStr | None = None
+    phone_number: Phone | None = None
+
+
+class Delivery(Model):
+    channels: list[Literal["sms", "email"]] = Field(min_length=1, max_length=2)
+    locale: Annotated[str, Field(pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")] = "en"
+
+
+class KeyOptions(Model):
+    customization_profile_id: Text | None = None
+    max_use_count: Annotated[int, Field(ge=1)] = 1
+
+
+class EventBase(Model):
+    version: Literal[1]
+    event_id: Text
+    occurred_at: AwareDatetime
+    grant_id: Text
+
+
+class AccessGranted(EventBase):
+    """A booking system grants a guest access: mint (or reuse) an Instant Key and deliver it."""
+
+    model_config = ConfigDict(title="access.granted v1")
+    type: Literal["access.granted"]
+    user_identity: GuestIdentity
+    delivery: Delivery
+    instant_key: KeyOptions = KeyOptions()
+
+
+class AccessRevoked(EventBase):
+    """A booking system revokes access: delete every Instant Key of the identity now."""
+
+    model_config = ConfigDict(title="access.revoked v1")
+    type: Literal["access.revoked"]
+    user_identity: IdentityRef
+
+
+class KeyCleanup(Model):
+    """Internal: published by the worker, due at the key's expires_at; deletes the key."""
+
+    model_config = ConfigDict(title="instant_key.cleanup v1")
+    type: Literal["instant_key.cleanup"]
+    version: Literal[1]
+    instant_key_id: Text
+    user_identity_id: Text
+    expires_at: AwareDatetime
+
+
+Event = AccessGranted | AccessRevoked | KeyCleanup
+MODELS: dict[tuple[str, int], type[Model]] = {
+    ("access.granted", 1): AccessGranted,
+    ("access.revoked", 1): AccessRevoked,
+    ("instant_key.cleanup", 1): KeyCleanup,
+}
+
+
+def parse(body: bytes, content_type: str | None) -> Event:
+    """Validate a message body; raises InvalidEvent with a specific reason and no field values."""
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidEvent(f"body is {len(body)} bytes, over {MAX_BODY_BYTES}", reason="too_large")
+    if content_type not in (None, "", "application/json"):
+        raise InvalidEvent(
+            f"content_type {content_type[:60]!r} is not application/json",
+            reason="wrong_content_type",
+        )
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidEvent(f"body is not JSON: {exc.__class__.__name__}", reason="malformed_json")
+    if not isinstance(data, dict):
+        raise InvalidEvent("body is not a JSON object", reason="malformed_json")
+    kind, version = data.get("type"), data.get("version")
+    model = MODELS.get((kind, version)) if isinstance(kind, str) and type(version) is int else None
+    if model is None:
+        raise InvalidEvent(
+            f"unknown type/version {str(kind)[:40]!r}/{str(version)[:10]!r}", reason="unknown_type"
+        )
+    try:
+        event = model.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidEvent(describe(exc), reason=_reason(exc)) from None
+    assert isinstance(event, AccessGranted | AccessRevoked | KeyCleanup)
+    return event
+
+
+def describe(exc: ValidationError) -> str:
+    """Where and what, without the offending values (they may be phone numbers or emails)."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def _reason(exc: ValidationError) -> str:
+    fields = {str(error["loc"][-1]) for error in exc.errors() if error["loc"]}
+    if "phone_number" in fields:
+        return "invalid_phone_number"
+    if "email_address" in fields:
+        return "invalid_email_address"
+    return "invalid_event"
+
+
+def event_key(event: Event) -> str:
+    """Identifier for logs: the event id, or the key id for cleanups."""
+    return event.instant_key_id if isinstance(event, KeyCleanup) else event.event_id

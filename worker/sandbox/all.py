@@ -1,0 +1,59 @@
+"""All three stand-ins together, and the environment that points a worker at them."""
+
+import asyncio
+
+from worker.sandbox.seam import SeamSandbox
+from worker.sandbox.smtp import SmtpSandbox
+from worker.sandbox.twilio import TwilioSandbox
+
+SMS_FROM = "+15005550006"  # Twilio's magic "valid sender" test number
+EMAIL_FROM = "keys@example.com"
+
+
+class Sandbox:
+    def __init__(self, *, key_lifetime: float = 48 * 3600) -> None:
+        self.seam = SeamSandbox(key_lifetime=key_lifetime)
+        self.twilio = TwilioSandbox()
+        self.smtp = SmtpSandbox()
+
+    async def start(
+        self, host: str = "127.0.0.1", seam_port: int = 0, twilio_port: int = 0, smtp_port: int = 0
+    ) -> None:
+        await self.seam.start(host, seam_port)
+        await self.twilio.start(host, twilio_port)
+        await self.smtp.start(host, smtp_port)
+
+    async def stop(self) -> None:
+        await self.seam.stop()
+        await self.twilio.stop()
+        await self.smtp.stop()
+
+    def env(self) -> dict[str, str]:
+        """Settings for a worker that uses these stand-ins."""
+        return {
+            "SEAM_ENDPOINT": self.seam.url,
+            "SEAM_API_KEY": self.seam.api_key,
+            "TWILIO_API_URL": self.twilio.url,
+            "TWILIO_ACCOUNT_SID": self.twilio.account_sid,
+            "TWILIO_AUTH_TOKEN": self.twilio.auth_token,
+            "TWILIO_FROM": SMS_FROM,
+            "SMTP_HOST": self.smtp.host,
+            "SMTP_PORT": str(self.smtp.port),
+            "SMTP_TLS": "none",
+            "EMAIL_FROM": EMAIL_FROM,
+        }
+
+
+async def serve_forever(
+    host: str, seam_port: int, twilio_port: int, smtp_port: int, key_lifetime: float
+) -> None:
+    sandbox = Sandbox(key_lifetime=key_lifetime)
+    await sandbox.start(host, seam_port, twilio_port, smtp_port)
+    print("# Seam, Twilio and SMTP stand-ins are up. Point a worker at them with:")
+    for name, value in sandbox.env().items():
+        print(f"export {name}={value}")
+    print("# Ctrl-C stops them.", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await sandbox.stop()
