@@ -18,6 +18,7 @@ from worker.broker.topology import Names
 from worker.errors import InvalidEvent
 from worker.events import parse
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ikw", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -144,7 +145,10 @@ async def _topology(
 
 def grant_or_revoke(args: argparse.Namespace) -> tuple[bytes, str, str]:
     event_id = str(uuid.uuid4())
-    identity = {"user_identity_id": args.user_identity_id, "user_identity_key": args.user_identity_key}
+    identity = {
+        "user_identity_id": args.user_identity_id,
+        "user_identity_key": args.user_identity_key,
+    }
     event: dict[str, object] = {
         "version": 1,
         "event_id": event_id,

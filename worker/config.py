@@ -5,6 +5,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, cast
 from urllib.parse import urlsplit
 
 
@@ -31,7 +32,7 @@ class EmailSettings:
     sender: str
     username: str | None = None
     password: str | None = None
-    tls: str = "starttls"
+    tls: Literal["none", "starttls", "tls"] = "starttls"
 
     def __repr__(self) -> str:
         return f"EmailSettings(host={self.host!r}, port={self.port}, tls={self.tls!r})"
@@ -85,7 +86,9 @@ class _Reader:
         if raw is None:
             return default
         if not raw.isdigit() or not low <= int(raw) <= high:
-            self.problems.append(f"{name}: must be a whole number from {low} to {high}, got {raw!r}")
+            self.problems.append(
+                f"{name}: must be a whole number from {low} to {high}, got {raw!r}"
+            )
             return default
         return int(raw)
 
@@ -156,7 +159,12 @@ def _namespace(r: _Reader) -> str:
 
 
 def _sms(r: _Reader) -> SmsSettings | None:
-    names = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_FROM", "TWILIO_MESSAGING_SERVICE_SID")
+    names = (
+        "TWILIO_ACCOUNT_SID",
+        "TWILIO_AUTH_TOKEN",
+        "TWILIO_FROM",
+        "TWILIO_MESSAGING_SERVICE_SID",
+    )
     if not any(r.text(n) for n in names):
         return None
     why = "for SMS (any TWILIO_* variable turns SMS on)"
@@ -166,7 +174,7 @@ def _sms(r: _Reader) -> SmsSettings | None:
     if not (from_ or service):
         r.problems.append(f"TWILIO_FROM or TWILIO_MESSAGING_SERVICE_SID: one is required {why}")
     if from_ and not re.fullmatch(r"\+[1-9][0-9]{6,14}|[A-Za-z0-9 ]{1,11}", from_):
-        r.problems.append(f"TWILIO_FROM: must be an E.164 number or an alphanumeric sender id")
+        r.problems.append("TWILIO_FROM: must be an E.164 number or an alphanumeric sender id")
     api_url = r.url("TWILIO_API_URL", SmsSettings.api_url, ("http", "https"))
     return SmsSettings(sid, token, from_, service, api_url)
 
@@ -188,7 +196,9 @@ def _email(r: _Reader) -> EmailSettings | None:
     username, password = r.text("SMTP_USERNAME"), r.text("SMTP_PASSWORD")
     if bool(username) != bool(password):
         r.problems.append("SMTP_USERNAME and SMTP_PASSWORD: set both or neither")
-    return EmailSettings(host, port, sender, username, password, tls)
+    return EmailSettings(
+        host, port, sender, username, password, cast(Literal["none", "starttls", "tls"], tls)
+    )
 
 
 def broker_settings(env: Mapping[str, str] | None = None) -> Settings:

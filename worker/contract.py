@@ -56,9 +56,7 @@ def asyncapi(names: Names) -> dict[str, Any]:
             "action": "send",
             "channel": {"$ref": f"#/channels/{key}"},
             "summary": "Publish persistent, mandatory, with publisher confirms.",
-            "bindings": {
-                "amqp": {"deliveryMode": 2, "mandatory": True, "bindingVersion": "0.3.0"}
-            },
+            "bindings": {"amqp": {"deliveryMode": 2, "mandatory": True, "bindingVersion": "0.3.0"}},
         }
     return {
         "asyncapi": "3.0.0",

@@ -1,6 +1,5 @@
 """`ikw demo`: stand-ins, a worker and two grants in one process, shown as the guests see them."""
 
-import asyncio
 import json
 import os
 import uuid
@@ -22,8 +21,9 @@ GUESTS = [
 ]
 
 
-def grant(key: str, name: str, phone: str | None, email: str | None, channels: list[str],
-          locale: str) -> bytes:
+def grant(
+    key: str, name: str, phone: str | None, email: str | None, channels: list[str], locale: str
+) -> bytes:
     event_id = str(uuid.uuid4())
     return json.dumps(
         {
@@ -50,8 +50,10 @@ async def demo(key_lifetime: float) -> int:
     connection = await connect(amqp_url, "ikw demo")
     sandbox = Sandbox(key_lifetime=key_lifetime)
     await sandbox.start()
-    print(f"stand-ins up: Seam {sandbox.seam.url}, Twilio {sandbox.twilio.url}, "
-          f"SMTP {sandbox.smtp.host}:{sandbox.smtp.port}")
+    print(
+        f"stand-ins up: Seam {sandbox.seam.url}, Twilio {sandbox.twilio.url}, "
+        f"SMTP {sandbox.smtp.host}:{sandbox.smtp.port}"
+    )
     env = sandbox.env() | {
         "AMQP_URL": amqp_url,
         "IKW_NAMESPACE": names.namespace,
@@ -76,8 +78,10 @@ async def demo(key_lifetime: float) -> int:
         print(f"\nwaiting for the {len(keys)} keys to expire ({key_lifetime:.0f} s) ...")
         await wait_for(lambda: not sandbox.seam.keys, key_lifetime + 30, "deletion at expiry")
         for key in keys.values():
-            print(f"deleted from Seam: instant key {key['instant_key_id']} "
-                  f"(expired at {key['expires_at']})")
+            print(
+                f"deleted from Seam: instant key {key['instant_key_id']} "
+                f"(expired at {key['expires_at']})"
+            )
         print("\ndemo done: 2 grants delivered, 2 keys deleted at expiry")
         return 0
     finally:
@@ -91,6 +95,7 @@ def show(sandbox: Sandbox) -> None:
     sms = sandbox.twilio.outbox[0]
     print(f"\n--- SMS to {mask_phone(sms['to'])} from {sms['from']} ---\n{sms['body']}")
     mail = sandbox.smtp.messages[0]
-    print(f"\n--- email to {mask_email(mail['To'].addresses[0].addr_spec)}, subject: {mail['Subject']} ---")
+    to = mask_email(mail["To"].addresses[0].addr_spec)
+    print(f"\n--- email to {to}, subject: {mail['Subject']} ---")
     text = mail.get_body(("plain",))
     print(text.get_content() if text else "(no text part)")

@@ -1,4 +1,4 @@
-"""The message contract: pydantic models for every message type and version (the source of truth)."""
+"""The message contract: one pydantic model per message type and version (the source of truth)."""
 
 import json
 from typing import Annotated, Literal
@@ -141,7 +141,9 @@ def parse(body: bytes, content_type: str | None) -> Event:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidEvent(f"body is not JSON: {exc.__class__.__name__}", reason="malformed_json")
+        raise InvalidEvent(
+            f"body is not JSON: {exc.__class__.__name__}", reason="malformed_json"
+        ) from None
     if not isinstance(data, dict):
         raise InvalidEvent("body is not a JSON object", reason="malformed_json")
     kind, version = data.get("type"), data.get("version")

@@ -2,7 +2,7 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -197,7 +197,7 @@ class Flows:
             )
         return keep
 
-    async def _deliver(self, message: KeyMessage, order: list[str]) -> str:
+    async def _deliver(self, message: KeyMessage, order: Sequence[str]) -> str:
         refusals = []
         for name in order:
             channel = self.channels.get(name)

@@ -1,4 +1,4 @@
-"""Prometheus metrics: counts of outcomes by queue, dead letters by reason, deliveries by channel."""
+"""Prometheus metrics: outcomes by queue, dead letters by reason, deliveries by channel."""
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -8,7 +8,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.messages = Counter(
-            "ikw_messages", "Messages settled, by queue and outcome", ["queue", "outcome"], registry=r
+            "ikw_messages",
+            "Messages settled, by queue and outcome",
+            ["queue", "outcome"],
+            registry=r,
         )
         self.dead_letters = Counter(
             "ikw_dead_letters", "Messages dead-lettered, by reason", ["reason"], registry=r

@@ -1,4 +1,4 @@
-"""Wiring and lifecycle: connect, declare, consume; health and metrics over HTTP; stop on signals."""
+"""Wiring and lifecycle: connect, declare, consume; health and metrics on HTTP; stop on signals."""
 
 import asyncio
 import logging

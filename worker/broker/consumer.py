@@ -193,8 +193,14 @@ class Consumer:
         )
         log.info(
             "retrying later",
-            extra={"ctx": {"queue": queue, "attempt": attempt, "delay_s": round(delay, 1),
-                           "error": one_line(exc)}},
+            extra={
+                "ctx": {
+                    "queue": queue,
+                    "attempt": attempt,
+                    "delay_s": round(delay, 1),
+                    "error": one_line(exc),
+                }
+            },
         )
         try:
             await self.publisher.delayed(queue, message.body, delay, **props)

@@ -1,4 +1,4 @@
-"""Confirmed, mandatory publishes: events, delayed messages (through the delay levels), dead letters."""
+"""Confirmed, mandatory publishes: events, delayed messages (via the delay levels), dead letters."""
 
 import math
 from collections.abc import Mapping

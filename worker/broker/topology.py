@@ -94,7 +94,9 @@ def plan(names: Names) -> list[tuple[str, str, dict[str, Any]]]:
         }
         rows.append(("queue", name, arguments))
         rows.append(("binding", name, {"exchange": name, "key": _level_pattern(level, "1")}))
-        rows.append(("exchange-binding", lower, {"exchange": name, "key": _level_pattern(level, "0")}))
+        rows.append(
+            ("exchange-binding", lower, {"exchange": name, "key": _level_pattern(level, "0")})
+        )
     return rows
 
 
@@ -104,9 +106,7 @@ async def declare(channel: AbstractChannel, names: Names) -> None:
     rows = plan(names)
     for kind, name, details in rows:
         if kind == "exchange":
-            exchanges[name] = await channel.declare_exchange(
-                name, ExchangeType.TOPIC, durable=True
-            )
+            exchanges[name] = await channel.declare_exchange(name, ExchangeType.TOPIC, durable=True)
         elif kind == "queue":
             queues[name] = await channel.declare_queue(name, durable=True, arguments=details)
     for kind, name, details in rows:

@@ -1,11 +1,13 @@
-"""Local stand-ins for Seam, Twilio and SMTP: the vendors' APIs on real sockets, failures included."""
+"""Local stand-ins for Seam, Twilio and SMTP: the vendors' APIs on real sockets, failures too."""
 
 import asyncio
 import time
 from collections.abc import Callable
 
 
-async def wait_for(condition: Callable[[], object], timeout: float, what: str = "condition") -> None:
+async def wait_for(
+    condition: Callable[[], object], timeout: float, what: str = "condition"
+) -> None:
     """Return as soon as ``condition()`` is truthy; raise TimeoutError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():

@@ -1,0 +1,44 @@
+# Every step the project needs; .ci/run calls `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo run sandbox test lint schemas bench soak clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: install  ## the whole job once against the local stand-ins (needs RabbitMQ on AMQP_URL)
+	$(BIN)/ikw demo
+
+run: install  ## the worker, configured from the environment
+	$(BIN)/ikw run
+
+sandbox: install  ## serve the Seam, Twilio and SMTP stand-ins on fixed ports
+	$(BIN)/ikw sandbox
+
+test: install  ## unit and integration tests (needs RabbitMQ on 127.0.0.1:5672)
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check worker tests bench
+	$(BIN)/ruff format --check worker tests bench
+	$(BIN)/mypy
+
+schemas: install  ## re-export schemas/ from the models
+	$(BIN)/ikw schema --out schemas
+
+bench: install  ## throughput and latency against the stand-ins
+	$(BIN)/python bench/throughput.py
+
+soak: install  ## fault soak: lost and duplicate keys must print 0
+	$(BIN)/python bench/soak.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

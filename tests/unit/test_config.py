@@ -1,0 +1,96 @@
+"""Settings: every problem named by its variable, secrets from *_FILE, channels on by presence."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.config import ConfigError, load
+
+BASE = {"SEAM_API_KEY": "seam_key", "SMTP_HOST": "mail.example.com", "EMAIL_FROM": "k@example.com"}
+
+
+def problems(env: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(env)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("IKW_PREFETCH", "many"),
+        ("IKW_PREFETCH", "0"),
+        ("IKW_MAX_ATTEMPTS", "-3"),
+        ("IKW_MIN_KEY_LIFETIME", "soon"),
+        ("IKW_MAX_RETRY_AGE", "1 week"),
+        ("IKW_HTTP_PORT", "70000"),
+        ("IKW_NAMESPACE", "has spaces"),
+        ("SMTP_TLS", "ssl"),
+        ("SMTP_PORT", "smtp"),
+        ("SEAM_ENDPOINT", "connect.getseam.com"),
+        ("AMQP_URL", "http://localhost"),
+        ("EMAIL_FROM", "nobody"),
+    ],
+)
+def test_a_bad_value_is_named_with_its_variable(name: str, value: str) -> None:
+    text = problems(BASE | {name: value})
+    assert text.startswith(f"{name}:")
+    assert len(text.splitlines()) == 1
+
+
+def test_every_problem_is_listed_once_per_line() -> None:
+    text = problems({"IKW_PREFETCH": "x", "TWILIO_ACCOUNT_SID": "AC1"})
+    assert text.splitlines() == [
+        "IKW_PREFETCH: must be a whole number from 1 to 10000, got 'x'",
+        "SEAM_API_KEY: required (the Seam API key, or SEAM_API_KEY_FILE)",
+        "TWILIO_AUTH_TOKEN: required for SMS (any TWILIO_* variable turns SMS on)",
+        "TWILIO_FROM or TWILIO_MESSAGING_SERVICE_SID: one is required for SMS "
+        "(any TWILIO_* variable turns SMS on)",
+    ]
+
+
+def test_no_channel_at_all_is_refused() -> None:
+    text = problems({"SEAM_API_KEY": "k"})
+    assert "no delivery channel is configured" in text
+
+
+def test_secrets_are_read_from_files_and_never_shown(tmp_path: Path) -> None:
+    secret = tmp_path / "seam"
+    secret.write_text("seam_from_file\n")
+    settings = load({"SEAM_API_KEY_FILE": str(secret), "SMTP_HOST": "h", "EMAIL_FROM": "k@e.com"})
+    assert settings.seam_api_key == "seam_from_file"
+    assert "seam_from_file" not in repr(settings)
+    missing = problems(BASE | {"SMTP_PASSWORD_FILE": str(tmp_path / "absent")})
+    assert missing.startswith("SMTP_PASSWORD_FILE: cannot read")
+
+
+def test_channels_turn_on_when_their_settings_are_present() -> None:
+    settings = load(
+        BASE
+        | {
+            "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+            "TWILIO_AUTH_TOKEN": "t",
+            "TWILIO_MESSAGING_SERVICE_SID": "MG" + "0" * 32,
+            "IKW_MIN_KEY_LIFETIME": "2h",
+        }
+    )
+    assert settings.sms is not None and settings.sms.messaging_service_sid
+    assert settings.email is not None and settings.email.port == 587  # starttls default
+    assert settings.min_key_lifetime == 7200
+
+
+def test_ikw_run_stops_with_one_plain_message() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "run"],
+        env={"PATH": "/usr/bin:/bin", "IKW_PREFETCH": "lots", **BASE},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "ikw: configuration error:\nIKW_PREFETCH: must be a whole number from 1 to 10000, "
+        "got 'lots'\n"
+    )

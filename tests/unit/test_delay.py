@@ -1,0 +1,40 @@
+"""Delay routing keys and backoff: the arithmetic behind retries and expiry timers."""
+
+import pytest
+
+from worker.broker.consumer import backoff
+from worker.broker.publisher import MAX_DELAY, clean_headers, delay_routing_key
+from worker.broker.topology import LEVELS, Names, plan
+
+
+def test_a_delay_is_its_binary_digits_then_the_queue() -> None:
+    key = delay_routing_key(5, "instant_keys.cleanup")
+    assert key == "0." * 25 + "1.0.1.instant_keys.cleanup"
+    assert delay_routing_key(0.2, "q").startswith("0." * 27 + "1.")  # rounds up, never early
+    assert delay_routing_key(-3, "q") == "0." * 28 + "q"
+    assert delay_routing_key(10**12, "q") == "1." * 28 + "q"  # clamped to 2^28 - 1 s
+    assert MAX_DELAY == 2**28 - 1
+
+
+def test_each_level_waits_its_power_of_two_and_falls_to_the_next() -> None:
+    rows = {(kind, name): details for kind, name, details in plan(Names("ns"))}
+    for level in range(LEVELS):
+        queue = rows[("queue", f"ns.delay.{level:02d}")]
+        assert queue["x-message-ttl"] == 2**level * 1000
+        assert queue["x-dead-letter-strategy"] == "at-least-once"
+        assert queue["x-overflow"] == "reject-publish"
+        lower = f"ns.delay.{level - 1:02d}" if level else "ns.delay.deliver"
+        assert queue["x-dead-letter-exchange"] == lower
+    assert rows[("queue", "ns.grants")]["x-delivery-limit"] >= 1
+
+
+def test_backoff_grows_and_honours_retry_after() -> None:
+    assert 1 <= backoff(1) <= 1
+    assert 4 <= backoff(4) <= 8
+    assert backoff(40) <= 3600
+    assert backoff(1, retry_after=30) == pytest.approx(30)
+
+
+def test_broker_death_headers_are_dropped_on_republish() -> None:
+    headers = {"x-death": [], "x-first-death-queue": "q", "x-ikw-attempt": 2}
+    assert clean_headers(headers) == {"x-ikw-attempt": 2}

@@ -1,0 +1,65 @@
+"""The contract: what is accepted, and the reason a rejected message is dead-lettered with."""
+
+import json
+
+import pytest
+
+from tests.builders import body, grant, revoke
+from worker.errors import InvalidEvent
+from worker.events import AccessGranted, AccessRevoked, parse
+
+
+def test_the_design_example_is_accepted_and_unknown_fields_ignored() -> None:
+    event = parse(body(grant("guest-991", added_in_v1_1="ignored")), "application/json")
+    assert isinstance(event, AccessGranted)
+    assert event.user_identity.user_identity_key == "guest-991"
+    assert event.delivery.channels == ["sms", "email"]
+    assert isinstance(parse(body(revoke("guest-991")), None), AccessRevoked)
+
+
+def reason(raw: bytes, content_type: str | None = "application/json") -> str:
+    with pytest.raises(InvalidEvent) as caught:
+        parse(raw, content_type)
+    return caught.value.reason
+
+
+def with_identity(**fields: object) -> bytes:
+    event = grant()
+    event["user_identity"].update(fields)
+    return body(event)
+
+
+@pytest.mark.parametrize(
+    "raw,content_type,expected",
+    [
+        (b'{"type": "access.granted", "vers', "application/json", "malformed_json"),
+        (b"[1, 2]", "application/json", "malformed_json"),
+        (b"\xff\xfe", "application/json", "malformed_json"),
+        (body(grant()), "text/plain", "wrong_content_type"),
+        (b'{"pad": "' + b"x" * 70_000 + b'"}', "application/json", "too_large"),
+        (body(grant() | {"type": "access.extended"}), "application/json", "unknown_type"),
+        (body(grant() | {"version": 2}), "application/json", "unknown_type"),
+        (body(grant() | {"version": "1"}), "application/json", "unknown_type"),
+        (with_identity(phone_number="4155550100"), "application/json", "invalid_phone_number"),
+        (with_identity(email_address="ada@"), "application/json", "invalid_email_address"),
+        (with_identity(user_identity_key=None), "application/json", "invalid_event"),
+        (body(grant() | {"delivery": {"channels": ["fax"]}}), "application/json", "invalid_event"),
+    ],
+)
+def test_each_malformed_input_has_its_own_reason(
+    raw: bytes, content_type: str, expected: str
+) -> None:
+    assert reason(raw, content_type) == expected
+
+
+def test_a_rejection_names_the_field_but_not_the_value() -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse(with_identity(phone_number="4155550199"), "application/json")
+    assert "user_identity.phone_number" in str(caught.value)
+    assert "4155550199" not in str(caught.value)
+
+
+def test_strict_types_refuse_a_number_as_text() -> None:
+    event = grant()
+    event["event_id"] = 123
+    assert reason(json.dumps(event).encode()) == "invalid_event"

@@ -1,0 +1,38 @@
+"""schemas/ is what the models export: a stale file fails here (fix: `make schemas`)."""
+
+import json
+from pathlib import Path
+
+from tests.builders import grant, revoke
+from worker import contract
+
+SCHEMAS = Path(__file__).parents[2] / "schemas"
+
+
+def test_schema_files_are_current() -> None:
+    assert contract.stale(SCHEMAS) == [], "run `make schemas` and commit schemas/"
+
+
+def test_asyncapi_names_the_exchange_and_routing_keys() -> None:
+    doc = json.loads((SCHEMAS / "asyncapi.json").read_text())
+    assert doc["asyncapi"].startswith("3.")
+    addresses = {c["address"] for c in doc["channels"].values()}
+    assert addresses == {"access.granted", "access.revoked"}
+    exchanges = {c["bindings"]["amqp"]["exchange"]["name"] for c in doc["channels"].values()}
+    assert exchanges == {"instant_keys"}
+
+
+def test_the_granted_schema_requires_what_the_model_requires() -> None:
+    schema = json.loads((SCHEMAS / "access.granted.v1.json").read_text())
+    assert set(schema["required"]) == {
+        "type",
+        "version",
+        "event_id",
+        "occurred_at",
+        "grant_id",
+        "user_identity",
+        "delivery",
+    }
+    assert set(grant()) >= set(schema["required"])
+    revoked = json.loads((SCHEMAS / "access.revoked.v1.json").read_text())
+    assert set(revoke("k")) >= set(revoked["required"])

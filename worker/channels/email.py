@@ -1,0 +1,117 @@
+"""Email delivery over SMTP (aiosmtplib): one message with plain-text and HTML alternatives."""
+
+from datetime import UTC, datetime
+from email.errors import HeaderParseError
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid, parseaddr
+from typing import Any, Literal
+
+import aiosmtplib
+
+from worker.channels.templates import render_email
+from worker.errors import ChannelRefused, CredentialsRefused, Transient, WorkerError
+from worker.ports import KeyMessage
+
+TlsMode = Literal["none", "starttls", "tls"]
+
+# Replies that mean our login is missing, wrong or not allowed as configured, not the guest's.
+_CREDENTIAL_CODES = {530, 534, 535, 538}
+_FAILURES = (aiosmtplib.SMTPException, OSError, TimeoutError)
+
+
+class EmailChannel:
+    """Sends the key's link by email, one SMTP connection per message."""
+
+    name = "email"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        sender: str,
+        username: str | None = None,
+        password: str | None = None,
+        tls: TlsMode = "none",
+        timeout: float = 10.0,
+        cert_bundle: str | None = None,
+    ) -> None:
+        if tls not in ("none", "starttls", "tls"):
+            raise ValueError(f"tls must be none, starttls or tls, not {tls!r}")
+        self._sender = sender
+        self._domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
+        self._connection: dict[str, Any] = {
+            "hostname": host,
+            "port": port,
+            "username": username,
+            "password": password,
+            "use_tls": tls == "tls",
+            "start_tls": tls == "starttls",
+            "timeout": timeout,
+            "cert_bundle": cert_bundle,
+        }
+
+    def reaches(self, message: KeyMessage) -> bool:
+        return bool(message.email_address)
+
+    async def send(self, message: KeyMessage) -> str:
+        if not message.email_address:
+            raise ChannelRefused("the guest has no email address", code="no_email_address")
+        email = self._compose(message)
+        try:
+            await aiosmtplib.send(email, **self._connection)
+        except _FAILURES as exc:
+            raise _translate(exc) from None
+        return str(email["Message-ID"])
+
+    async def check(self) -> None:
+        try:
+            async with aiosmtplib.SMTP(**self._connection):
+                pass
+        except _FAILURES as exc:
+            error = _translate(exc)
+            # A refusal while connecting or logging in is about the server, not a guest.
+            raise (Transient(str(error)) if isinstance(error, ChannelRefused) else error) from None
+
+    async def close(self) -> None:
+        """Nothing to close: each message has its own connection."""
+
+    def _compose(self, message: KeyMessage) -> EmailMessage:
+        assert message.email_address is not None
+        subject, text, html = render_email(message)
+        email = EmailMessage()
+        email["Subject"] = subject
+        email["From"] = self._sender
+        try:
+            email["To"] = Address(
+                display_name=" ".join((message.full_name or "").split()),
+                addr_spec=message.email_address,
+            )
+        except (ValueError, IndexError, HeaderParseError):
+            raise ChannelRefused(
+                "the email address cannot be used", code="invalid_address"
+            ) from None
+        email["Date"] = format_datetime(datetime.now(UTC))
+        email["Message-ID"] = make_msgid(domain=self._domain)
+        email.set_content(text)
+        email.add_alternative(html, subtype="html")
+        return email
+
+
+def _translate(exc: BaseException) -> WorkerError:
+    """The SMTP failure as a worker error; only reply codes, never the server's text (it may
+    quote the address)."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        code = exc.recipients[0].code if exc.recipients else 550
+    elif isinstance(exc, aiosmtplib.SMTPResponseException):
+        code = exc.code
+    elif isinstance(exc, aiosmtplib.SMTPNotSupported):
+        return ChannelRefused("the smtp server cannot take this address", code="smtputf8")
+    else:
+        return Transient(f"smtp failed ({type(exc).__name__})")
+    if code in _CREDENTIAL_CODES or isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return CredentialsRefused(f"smtp refused the credentials (code {code})", service="smtp")
+    if 500 <= code < 600:
+        return ChannelRefused(f"smtp refused the message (code {code})", code=str(code))
+    return Transient(f"smtp could not take the message (code {code})")
