@@ -139,8 +139,7 @@ class Service:
                 delay = min(delay * 2, CHECK_BACKOFF_CAP)
         if not self.stopping.is_set():
             await self.consumer.resume()
-            if exc is not None:
-                log.info("credentials accepted again: consuming")
+            log.info("consuming" if exc is None else "credentials accepted again: consuming")
 
     async def _check_credentials(self) -> None:
         await self.seam.check()

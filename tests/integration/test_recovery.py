@@ -1,0 +1,177 @@
+"""Recovery for real: SIGTERM with messages in flight, SIGKILL mid-load, the connection cut."""
+
+import asyncio
+import os
+import signal
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.builders import grant
+from tests.integration.conftest import AMQP_URL, drain
+from worker.broker.topology import Names
+from worker.sandbox import wait_for
+from worker.sandbox.all import Sandbox
+from worker.sandbox.proxy import Proxy
+from worker.service import Service
+
+Publish = Callable[..., Awaitable[None]]
+StartWorker = Callable[..., Awaitable[Service]]
+
+
+class WorkerProcess:
+    """`ikw run` in its own process, logging to a file."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> "WorkerProcess":
+        with self.log.open("ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "worker.cli", "run", env=os.environ | self.env, stderr=out
+            )
+        await wait_for(lambda: '"consuming"' in self.log.read_text(), 30, "the worker to consume")
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    async def exit_code(self, within: float = 30) -> int:
+        assert self.process is not None
+        return await asyncio.wait_for(self.process.wait(), within)
+
+
+@pytest.fixture
+async def processes(
+    worker_env: dict[str, str], tmp_path: Path, amqp: Any, sandbox: Sandbox
+) -> AsyncIterator[Callable[..., Awaitable[WorkerProcess]]]:
+    started: list[WorkerProcess] = []
+
+    async def start(**overrides: str) -> WorkerProcess:
+        log = tmp_path / f"worker-{len(started)}.log"
+        worker = await WorkerProcess(worker_env | overrides, log).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.process and worker.process.returncode is None:
+            worker.process.kill()
+            await worker.process.wait()
+    # The workers' own logs hold no door-key link and no full phone number.
+    secrets = [key["instant_key_url"] for key in sandbox.seam.issued]
+    secrets += [i["phone_number"] for i in sandbox.seam.identities.values()]
+    for worker in started:
+        log = worker.log.read_text()
+        assert not [s for s in secrets if s in log], f"secret in {worker.log.name}"
+
+
+def phones(count: int) -> list[str]:
+    return [f"+1415555{n:04d}" for n in range(count)]
+
+
+def assert_one_link_per_identity(sandbox: Sandbox, expected_grants: dict[str, int]) -> None:
+    """Every grant delivered, and each guest holds exactly one live key, the one texted."""
+    delivered = Counter(sms["to"] for sms in sandbox.twilio.outbox)
+    for phone, grants in expected_grants.items():
+        assert delivered[phone] >= grants, f"{phone}: {delivered[phone]} of {grants} delivered"
+    for identity in sandbox.seam.identities.values():
+        [live] = sandbox.seam.live_keys(identity["user_identity_id"])
+        bodies = {
+            sms["body"] for sms in sandbox.twilio.outbox if sms["to"] == identity["phone_number"]
+        }
+        assert all(live["instant_key_url"] in text for text in bodies)
+
+
+async def test_sigterm_finishes_in_flight_messages_and_loses_none(
+    sandbox: Sandbox,
+    processes: Callable[..., Awaitable[WorkerProcess]],
+    start_worker: StartWorker,
+    publish: Publish,
+    names: Names,
+    amqp: Any,
+) -> None:
+    sandbox.seam.latency = 0.3
+    worker = await processes(IKW_PREFETCH="4", IKW_SHUTDOWN_GRACE="20s")
+    guests = phones(12)
+    for n, phone in enumerate(guests):
+        await publish(grant(f"guest-{n}", phone=phone, email=f"g{n}@example.com"))
+    await wait_for(lambda: sandbox.twilio.outbox, 30, "the first SMS")
+
+    worker.signal(signal.SIGTERM)
+    assert await worker.exit_code() == 0
+    log = worker.log.read_text()
+    assert "worker stopped" in log
+    assert "left unfinished" not in log  # every in-flight message finished within the grace
+    stopped_with = len(sandbox.twilio.outbox)
+    assert stopped_with < len(guests)  # the rest were still queued when it stopped
+
+    await start_worker()
+    await wait_for(lambda: len(sandbox.twilio.outbox) >= len(guests), 60, "every SMS")
+    assert_one_link_per_identity(sandbox, dict.fromkeys(guests, 1))
+    assert await drain(amqp, names.dead) == []
+
+
+async def test_sigkill_of_one_of_three_workers_loses_nothing_and_mints_no_second_key(
+    sandbox: Sandbox,
+    processes: Callable[..., Awaitable[WorkerProcess]],
+    publish: Publish,
+    names: Names,
+    amqp: Any,
+) -> None:
+    sandbox.seam.latency = 0.05
+    workers = [await processes(IKW_PREFETCH="8") for _ in range(3)]
+    guests = phones(20)
+    for round_ in range(2):
+        for n, phone in enumerate(guests):
+            await publish(grant(f"guest-{n}", phone=phone, email=f"g{n}@example.com"))
+        if round_ == 0:
+            await wait_for(lambda: len(sandbox.twilio.outbox) >= 5, 30, "the first SMS")
+            workers[0].signal(signal.SIGKILL)
+
+    assert await workers[0].exit_code() == -signal.SIGKILL
+    await wait_for(
+        lambda: (
+            len(set(sms["to"] for sms in sandbox.twilio.outbox)) == len(guests)
+            and len(sandbox.twilio.outbox) >= 2 * len(guests)
+        ),
+        90,
+        "every grant delivered",
+    )
+    assert_one_link_per_identity(sandbox, dict.fromkeys(guests, 2))
+    assert await drain(amqp, names.dead) == []
+
+
+async def test_connection_cut_mid_load_every_grant_is_delivered(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names, amqp: Any
+) -> None:
+    proxy = Proxy("127.0.0.1", 5672)
+    await proxy.start()
+    through_proxy = AMQP_URL.replace(":5672", f":{proxy.port}") + "?reconnect_interval=0.5"
+    sandbox.seam.latency = 0.05
+    service = await start_worker(AMQP_URL=through_proxy, IKW_PREFETCH="5")
+    guests = phones(30)
+    for n, phone in enumerate(guests):
+        await publish(grant(f"guest-{n}", phone=phone, email=f"g{n}@example.com"))
+
+    every_guest = wait_for(
+        lambda: len({sms["to"] for sms in sandbox.twilio.outbox}) == len(guests), 120, "all SMS"
+    )
+    waiting = asyncio.ensure_future(every_guest)
+    while not waiting.done() and proxy.cuts < 4:
+        await asyncio.sleep(0.7)
+        proxy.cut()
+    await waiting
+    assert proxy.cuts >= 2
+    await wait_for(lambda: service.ready, 15, "the worker to be ready again")
+    assert_one_link_per_identity(sandbox, dict.fromkeys(guests, 1))
+    assert await drain(amqp, names.dead) == []
+    await service.stop()
+    await proxy.stop()
