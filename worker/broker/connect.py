@@ -1,5 +1,6 @@
 """Open the robust connection, or say in one line that RabbitMQ is not there."""
 
+import logging
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -11,6 +12,10 @@ class BrokerUnreachable(Exception):
 
 
 async def connect(url: str, name: str = "instant-key-worker") -> AbstractRobustConnection:
+    # The first connection's failure is told in our one line below, not in aiormq's too.
+    aiormq_log = logging.getLogger("aiormq")
+    level = aiormq_log.level
+    aiormq_log.setLevel(logging.CRITICAL)
     try:
         return await aio_pika.connect_robust(
             url, fail_fast=True, client_properties={"connection_name": name}
@@ -22,3 +27,5 @@ async def connect(url: str, name: str = "instant-key-worker") -> AbstractRobustC
             f"({type(exc).__name__}); start one with `rabbitmq-server -detached` or "
             "`docker run -d -p 5672:5672 rabbitmq:3.13`, or point AMQP_URL at yours"
         ) from None
+    finally:
+        aiormq_log.setLevel(level)
