@@ -130,7 +130,9 @@ class Consumer:
             else:
                 settled = await asyncio.shield(self._ack(message))
                 ctx.update(_describe(outcome))
-                self.metrics.keys.labels("minted").inc(outcome.minted)
+                if outcome.action == "granted":
+                    self.metrics.keys.labels("minted" if outcome.minted else "reused").inc()
+                self.metrics.keys.labels("deleted").inc(outcome.deleted)
                 if outcome.channel:
                     self.metrics.deliveries.labels(outcome.channel).inc()
             self.metrics.messages.labels(queue, settled).inc()
