@@ -1,11 +1,536 @@
 """`ikw dlq`: list, show, replay and purge dead letters."""
 
 import argparse
+import asyncio
+import hashlib
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from worker import config
+from worker.broker.connect import connect
+from worker.broker.publisher import Publisher, clean_headers
+from worker.broker.topology import Names
+
+BATCH = 100  # replays in flight at once, and how often a progress line is printed
+DEFAULT_LIMIT = 100
+ERROR_WIDTH = 160
+BODY_CHARS = 4000
+SHOWN_FAILURES = 20
+KEPT_HEADERS = ("x-ikw-routing-key",)  # where the event was first published: not bookkeeping
+BROKER_ERRORS = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    asyncio.TimeoutError,
+)
+BROKER_REASONS = {
+    "delivery_limit": "redelivered past the queue's x-delivery-limit, never acked (crash loop?)",
+    "rejected": "rejected without requeue",
+    "expired": "expired (message TTL)",
+    "maxlen": "dropped by the queue's length limit",
+}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+
+
+class DlqError(Exception):
+    """Printed as one line; the command exits 1."""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    message: AbstractIncomingMessage
+    id: str
+    reason: str
+    source: str
+    attempts: int | None
+    dead_at: datetime | None
+    error: str
+
+    @property
+    def fingerprint(self) -> str:
+        """Tells two reads of the same dead letter apart from other dead letters."""
+        headers = {k: v for k, v in (self.message.headers or {}).items() if k != "x-delivery-count"}
+        seen = json.dumps(sorted(headers.items()), default=str).encode()
+        return hashlib.sha256(self.message.body + b"\0" + seen).hexdigest()
+
+
+# --- reading a dead letter -----------------------------------------------------------------
+
+
+def letter_id(message: AbstractIncomingMessage) -> str:
+    return message.message_id or hashlib.sha256(message.body).hexdigest()[:12]
+
+
+def describe(message: AbstractIncomingMessage) -> DeadLetter:
+    headers = message.headers or {}
+    if "x-ikw-reason" in headers:
+        reason = _text(headers["x-ikw-reason"])
+        source = _text(headers.get("x-ikw-source-queue"))
+        dead_at = _when(headers.get("x-ikw-dead-lettered-at"))
+        error = _text(headers.get("x-ikw-error"))
+        attempts = headers.get("x-ikw-attempts")
+    else:
+        death = _broker_death(headers)
+        reason = _text(death.get("reason")) or "unknown"
+        source = _text(death.get("queue"))
+        dead_at = _when(death.get("time"))
+        error = _broker_error(reason, headers)
+        attempts = headers.get("x-ikw-attempt", 1)
+    return DeadLetter(
+        message=message,
+        id=letter_id(message),
+        reason=reason,
+        source=source,
+        attempts=attempts if isinstance(attempts, int) else None,
+        dead_at=dead_at,
+        error=_one_line(error),
+    )
+
+
+def _broker_death(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """The latest x-death entry (the broker puts it first), else the x-*-death-* summary."""
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        return deaths[0]
+    for prefix in ("x-last-death-", "x-first-death-"):
+        if f"{prefix}reason" in headers:
+            return {"reason": headers[f"{prefix}reason"], "queue": headers.get(f"{prefix}queue")}
+    return {}
+
+
+def _broker_error(reason: str, headers: Mapping[str, Any]) -> str:
+    text = "dead-lettered by RabbitMQ: " + BROKER_REASONS.get(reason, reason)
+    last = headers.get("x-ikw-last-error")
+    return f"{text}; last error: {_text(last)}" if last else text
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)
+
+
+def _one_line(text: str, width: int = ERROR_WIDTH) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _when(value: object) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        moment = datetime.fromisoformat(_text(value))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _stamp(moment: datetime | None) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if moment else "-"
+
+
+# --- the dead queue ------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def holding(
+    connection: AbstractRobustConnection, names: Names
+) -> AsyncIterator[list[DeadLetter]]:
+    """Every dead letter, held unacked on one channel; closing it returns those not acked.
+
+    AMQP cannot browse a queue, so this is how to look without taking. The broker returns the
+    messages in no particular order and adds 1 to each one's x-delivery-count: harmless, as the
+    dead queue has no delivery limit.
+    """
+    channel = await connection.channel()
+    try:
+        yield await _read_all(channel, names)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def snapshot(connection: AbstractRobustConnection, names: Names) -> list[DeadLetter]:
+    async with holding(connection, names) as letters:
+        return letters
+
+
+async def _read_all(channel: aio_pika.abc.AbstractChannel, names: Names) -> list[DeadLetter]:
+    try:
+        queue = await channel.get_queue(names.dead, ensure=True)
+    except aio_pika.exceptions.ChannelClosed:
+        raise DlqError(
+            f"queue {names.dead} does not exist; check IKW_NAMESPACE or run `ikw topology`"
+        ) from None
+    # Only what is there now: a worker may dead-letter more while we read.
+    expected = queue.declaration_result.message_count or 0
+    letters: list[DeadLetter] = []
+    while len(letters) < expected:
+        message = await queue.get(no_ack=False, fail=False)
+        if message is None:
+            break
+        letters.append(describe(message))
+    return letters
+
+
+def newest_first(letters: Iterable[DeadLetter]) -> list[DeadLetter]:
+    return sorted(letters, key=lambda letter: letter.dead_at or _EPOCH, reverse=True)
+
+
+def select(
+    letters: Iterable[DeadLetter],
+    *,
+    ids: Iterable[str] = (),
+    reason: str | None = None,
+    older_than: timedelta | None = None,
+    newer_than: timedelta | None = None,
+) -> list[DeadLetter]:
+    wanted = set(ids)
+    now = datetime.now(UTC)
+
+    def keep(letter: DeadLetter) -> bool:
+        if wanted and letter.id not in wanted:
+            return False
+        if reason is not None and letter.reason != reason:
+            return False
+        if older_than is not None and not (letter.dead_at and letter.dead_at <= now - older_than):
+            return False
+        return newer_than is None or bool(letter.dead_at and letter.dead_at >= now - newer_than)
+
+    return [letter for letter in letters if keep(letter)]
+
+
+def by_reason(letters: Iterable[DeadLetter]) -> list[str]:
+    counts = Counter(letter.reason for letter in letters).most_common()
+    return [f"  {count:>6}  {reason}" for reason, count in counts]
+
+
+# --- list and show -------------------------------------------------------------------------
+
+
+async def _list(
+    args: argparse.Namespace, connection: AbstractRobustConnection, names: Names
+) -> int:
+    letters = await snapshot(connection, names)
+    chosen = newest_first(
+        select(letters, reason=args.reason, older_than=args.older_than, newer_than=args.newer_than)
+    )
+    filtered = len(chosen) != len(letters)
+    if not chosen:
+        print(
+            f"no dead letters in {names.dead}" + (f" match (of {len(letters)})" if filtered else "")
+        )
+        return 0
+    print(
+        f"{len(chosen)} dead letters in {names.dead}"
+        + (f" (of {len(letters)})" if filtered else "")
+    )
+    print("\n".join(by_reason(chosen)))
+    print()
+    shown = chosen[: args.limit] if args.limit else chosen
+    print(_table(shown))
+    if len(shown) < len(chosen):
+        print(f"… {len(chosen) - len(shown)} older not shown (--limit 0 shows all)")
+    return 0
+
+
+def _table(letters: list[DeadLetter]) -> str:
+    rows = [("ID", "REASON", "SOURCE QUEUE", "ATTEMPTS", "DEAD-LETTERED AT", "ERROR")]
+    for letter in letters:
+        attempts = "-" if letter.attempts is None else str(letter.attempts)
+        rows.append(
+            (
+                letter.id,
+                letter.reason,
+                letter.source or "-",
+                attempts,
+                _stamp(letter.dead_at),
+                letter.error or "-",
+            )
+        )
+    widths = [max(len(row[col]) for row in rows) for col in range(5)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        + "  "
+        + row[5]
+        for row in rows
+    )
+
+
+async def _show(
+    args: argparse.Namespace, connection: AbstractRobustConnection, names: Names
+) -> int:
+    matches = newest_first(select(await snapshot(connection, names), ids=[args.id]))
+    if not matches:
+        raise DlqError(f"no dead letter with id {args.id} in {names.dead}")
+    for number, letter in enumerate(matches, 1):
+        if number > 1:
+            print()
+        suffix = f" ({number} of {len(matches)} with this id)" if len(matches) > 1 else ""
+        print(f"dead letter {letter.id}{suffix}")
+        print(_details(letter))
+    return 0
+
+
+def _details(letter: DeadLetter) -> str:
+    message = letter.message
+    lines = [
+        f"reason:           {letter.reason}",
+        f"error:            {letter.error or '-'}",
+        f"source queue:     {letter.source or '-'}",
+        f"attempts:         {'-' if letter.attempts is None else letter.attempts}",
+        f"dead-lettered at: {_stamp(letter.dead_at)}",
+        f"message_id:       {message.message_id or '-'}",
+        f"content_type:     {message.content_type or '-'}",
+        "headers:",
+    ]
+    headers = message.headers or {}
+    # x-delivery-count only counts how often the dead queue was read (by this command too).
+    for key in sorted(k for k in headers if k != "x-delivery-count"):
+        lines.extend(_header_lines(key, headers[key]))
+    return "\n".join([*lines, *_body_lines(message.body)])
+
+
+def _header_lines(key: str, value: object) -> list[str]:
+    if isinstance(value, list) and all(isinstance(item, dict) for item in value):
+        entries = [" ".join(f"{k}={_plain(v)}" for k, v in item.items()) for item in value]
+        return [f"  {key}:", *(f"    - {entry}" for entry in entries)]
+    return [f"  {key}: {_plain(value)}"]
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, datetime):
+        return _stamp(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_plain(item) for item in value) + "]"
+    return repr(value) if isinstance(value, bytes) else str(value)
+
+
+def _body_lines(body: bytes) -> list[str]:
+    try:
+        text, kind = json.dumps(json.loads(body), indent=2, ensure_ascii=False), "JSON"
+    except (ValueError, RecursionError):
+        text, kind = repr(body), "not JSON, shown as Python bytes"
+    lines = [f"body ({len(body)} bytes, {kind}):"]
+    if len(text) > BODY_CHARS:
+        cut = len(text) - BODY_CHARS
+        return [*lines, text[:BODY_CHARS], f"… {cut} more characters not shown"]
+    return [*lines, text]
+
+
+# --- replay and purge ----------------------------------------------------------------------
+
+
+class Confirmed:
+    """What the operator agreed to: all that is selected (--yes), or exactly what was shown."""
+
+    def __init__(self, shown: list[DeadLetter] | None) -> None:
+        self._left = None if shown is None else Counter(letter.fingerprint for letter in shown)
+
+    def take(self, letters: list[DeadLetter]) -> list[DeadLetter]:
+        if self._left is None:
+            return letters
+        taken = []
+        for letter in letters:
+            if self._left[letter.fingerprint] > 0:
+                self._left[letter.fingerprint] -= 1
+                taken.append(letter)
+        return taken
+
+
+def _selection(args: argparse.Namespace, letters: list[DeadLetter]) -> list[DeadLetter]:
+    return select(letters, ids=getattr(args, "ids", ()), reason=args.reason)
+
+
+async def confirm(
+    args: argparse.Namespace, connection: AbstractRobustConnection, names: Names, verb: str
+) -> Confirmed | None:
+    """Ask first, holding nothing while the operator reads; None when not confirmed."""
+    if args.yes:
+        return Confirmed(None)
+    chosen = _selection(args, await snapshot(connection, names))
+    if not chosen:
+        return Confirmed([])
+    print(f"{verb} {len(chosen)} dead letters from {names.dead}:")
+    print("\n".join(by_reason(chosen)))
+    if not sys.stdin or not sys.stdin.isatty():
+        print(
+            f"ikw dlq: refusing to {verb} without confirmation: stdin is not a terminal; "
+            "pass --yes to confirm. Nothing was changed.",
+            file=sys.stderr,
+        )
+        return None
+    print(f"type {len(chosen)} or y to {verb} them: ", end="", flush=True)
+    answer = (await asyncio.to_thread(sys.stdin.readline)).strip().lower()
+    if answer not in (str(len(chosen)), "y", "yes"):
+        print("not confirmed; nothing was changed")
+        return None
+    return Confirmed(chosen)
+
+
+async def _replay(
+    args: argparse.Namespace, connection: AbstractRobustConnection, names: Names
+) -> int:
+    confirmed = await confirm(args, connection, names, "replay")
+    if confirmed is None:
+        return 1
+    async with holding(connection, names) as letters:
+        missing = sorted(set(args.ids) - {letter.id for letter in letters})
+        chosen = confirmed.take(_selection(args, letters))
+        # Oldest first, so the work queue sees them roughly in their first order.
+        chosen = newest_first(chosen)[::-1]
+        failures = await republish(connection, names, chosen)
+    for line in [f"no dead letter with id {i}" for i in missing] + failures[:SHOWN_FAILURES]:
+        print(f"failed: {line}")
+    if len(failures) > SHOWN_FAILURES:
+        print(f"failed: … and {len(failures) - SHOWN_FAILURES} more")
+    print(f"replayed {len(chosen) - len(failures)}, failed {len(failures) + len(missing)}")
+    return 1 if failures or missing else 0
+
+
+async def republish(
+    connection: AbstractRobustConnection, names: Names, letters: list[DeadLetter]
+) -> list[str]:
+    """Each back on its work queue, acked in the dead queue once the broker confirmed it."""
+    if not letters:
+        return []
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    publisher = Publisher(channel, names)
+    failures: list[str] = []
+    try:
+        for start in range(0, len(letters), BATCH):
+            batch = letters[start : start + BATCH]
+            results = await asyncio.gather(*(_replay_one(publisher, letter) for letter in batch))
+            failures.extend(result for result in results if result)
+            done = start + len(batch)
+            if len(letters) > BATCH:
+                print(f"… {done} of {len(letters)} done, {len(failures)} failed", flush=True)
+    finally:
+        await channel.close()
+    return failures
+
+
+async def _replay_one(publisher: Publisher, letter: DeadLetter) -> str | None:
+    """None when replayed, else why not."""
+    if letter.source not in publisher.names.work_queues:
+        source = letter.source or "unknown"
+        return f"{letter.id}: its source queue ({source}) is not a work queue of this namespace"
+    message = letter.message
+    try:
+        await publisher.to_queue(
+            letter.source,
+            message.body,
+            headers=replay_headers(message.headers or {}),
+            message_id=message.message_id,
+            content_type=message.content_type,
+        )
+    except BROKER_ERRORS as exc:
+        return f"{letter.id}: not republished ({type(exc).__name__}); it stays a dead letter"
+    try:
+        await message.ack()
+    except BROKER_ERRORS as exc:
+        return f"{letter.id}: republished but not removed ({type(exc).__name__}); it shows again"
+    return None
+
+
+def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """The producer's headers, without failure bookkeeping: the replay starts at attempt 1."""
+    kept = {
+        key: value
+        for key, value in clean_headers(headers).items()
+        if not key.startswith("x-ikw-") or key in KEPT_HEADERS
+    }
+    deaths = headers.get("x-death")
+    if "x-ikw-routing-key" not in kept and isinstance(deaths, list) and deaths:
+        keys = deaths[-1].get("routing-keys") if isinstance(deaths[-1], dict) else None
+        if isinstance(keys, list) and keys:
+            kept["x-ikw-routing-key"] = _text(keys[0])
+    return kept
+
+
+async def _purge(
+    args: argparse.Namespace, connection: AbstractRobustConnection, names: Names
+) -> int:
+    confirmed = await confirm(args, connection, names, "purge")
+    if confirmed is None:
+        return 1
+    async with holding(connection, names) as letters:
+        chosen = confirmed.take(_selection(args, letters))
+        purged = 0
+        try:
+            for letter in chosen:
+                await letter.message.ack()
+                purged += 1
+        except BROKER_ERRORS as exc:
+            raise DlqError(
+                f"lost the channel ({type(exc).__name__}) after purging {purged}; the rest stay"
+            ) from None
+    print(f"purged {purged} dead letters from {names.dead}")
+    return 0
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def duration(raw: str) -> timedelta:
+    match = _DURATION.match(raw)
+    if not match:
+        raise argparse.ArgumentTypeError(f"use a duration such as 90, 90s, 15m, 2h or 1d: {raw!r}")
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
 
 
 def add_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    commands.add_parser("dlq", help="inspect, replay and purge dead letters")
+    dlq = commands.add_parser("dlq", help="inspect, replay and purge dead letters")
+    actions = dlq.add_subparsers(dest="dlq_command", required=True)
+
+    listing = actions.add_parser("list", help="count by reason, then one line each, newest first")
+    listing.add_argument("--reason", help="only this reason, e.g. invalid_event")
+    listing.add_argument("--older-than", type=duration, metavar="DURATION", help="e.g. 2h")
+    listing.add_argument("--newer-than", type=duration, metavar="DURATION", help="e.g. 15m")
+    listing.add_argument(
+        "--limit", type=int, default=DEFAULT_LIMIT, help=f"lines (default {DEFAULT_LIMIT}, 0: all)"
+    )
+
+    show = actions.add_parser("show", help="headers and body of the dead letters with this id")
+    show.add_argument("id", metavar="ID")
+
+    replay = actions.add_parser("replay", help="put dead letters back on their source queue")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("ids", nargs="*", default=[], metavar="ID")
+    which.add_argument("--reason", help="every dead letter with this reason")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    replay.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    purge = actions.add_parser("purge", help="delete dead letters for good")
+    purge.add_argument("--reason", help="only this reason (default: all)")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+Command = Callable[[argparse.Namespace, AbstractRobustConnection, Names], Awaitable[int]]
+COMMANDS: dict[str, Command] = {"list": _list, "show": _show, "replay": _replay, "purge": _purge}
 
 
 async def run(args: argparse.Namespace) -> int:
-    return 0
+    settings = config.broker_settings()
+    names = Names(settings.namespace)
+    connection = await connect(settings.amqp_url, "ikw-dlq")
+    try:
+        async with connection:
+            return await COMMANDS[args.dlq_command](args, connection, names)
+    except DlqError as exc:
+        print(f"ikw dlq: {exc}", file=sys.stderr)
+        return 1

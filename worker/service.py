@@ -131,8 +131,6 @@ class Service:
                     refused.service,
                     delay,
                 )
-            except Exception as error:
-                log.warning("credential check failed (%s); trying again", type(error).__name__)
             try:
                 await asyncio.wait_for(self.stopping.wait(), delay)
             except TimeoutError:
@@ -142,9 +140,16 @@ class Service:
             log.info("consuming" if exc is None else "credentials accepted again: consuming")
 
     async def _check_credentials(self) -> None:
-        await self.seam.check()
-        for channel in self.channels.values():
-            await channel.check()
+        """Raise CredentialsRefused if any service refuses us; other failures do not block."""
+        for name, check in [("seam", self.seam.check)] + [
+            (name, channel.check) for name, channel in self.channels.items()
+        ]:
+            try:
+                await check()
+            except CredentialsRefused:
+                raise
+            except Exception as error:
+                log.warning("could not check the %s credentials (%s)", name, type(error).__name__)
 
     async def stop(self) -> None:
         """Two phases: stop taking messages and drain in-flight ones, then close everything."""

@@ -5,9 +5,11 @@ import asyncio
 import logging
 import random
 import time
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -36,8 +38,10 @@ def backoff(attempt: int, retry_after: float | None = None) -> float:
 
 def one_line(exc: BaseException) -> str:
     if not isinstance(exc, Transient | Permanent | CredentialsRefused):
-        # A library's message may quote what we sent; name the type only.
-        return f"unexpected {type(exc).__name__}"
+        # A library's message may quote what we sent: name the type and where it was raised.
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+        return f"unexpected {type(exc).__name__}{where}"
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:300]
 
