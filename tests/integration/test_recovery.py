@@ -173,5 +173,6 @@ async def test_connection_cut_mid_load_every_grant_is_delivered(
     await wait_for(lambda: service.ready, 15, "the worker to be ready again")
     assert_one_link_per_identity(sandbox, dict.fromkeys(guests, 1))
     assert await drain(amqp, names.dead) == []
+    proxy.cut()  # and stopping while the connection is down still ends cleanly
     await service.stop()
     await proxy.stop()

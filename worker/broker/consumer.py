@@ -27,7 +27,11 @@ log = logging.getLogger("worker.consumer")
 
 MAX_BACKOFF = 3600.0
 # What a lost channel or connection looks like when we ack or publish.
-BROKER_ERRORS = (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError)
+BROKER_ERRORS = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError, not an AMQPError
+    ConnectionError,
+)
 
 
 def backoff(attempt: int, retry_after: float | None = None) -> float:
