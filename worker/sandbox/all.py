@@ -1,6 +1,7 @@
 """All three stand-ins together, and the environment that points a worker at them."""
 
 import asyncio
+import signal
 
 from worker.sandbox.seam import SeamSandbox
 from worker.sandbox.smtp import SmtpSandbox
@@ -52,8 +53,11 @@ async def serve_forever(
     print("# Seam, Twilio and SMTP stand-ins are up. Point a worker at them with:")
     for name, value in sandbox.env().items():
         print(f"export {name}={value}")
-    print("# Ctrl-C stops them.", flush=True)
+    print("# Ctrl-C (or SIGTERM) stops them.", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await sandbox.stop()
