@@ -62,6 +62,15 @@ class Settings:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+DURATION_HINT = "a duration such as 90, 90s, 15m, 2h or 1d"
+
+
+def parse_duration(raw: str) -> float | None:
+    """Seconds, or None when ``raw`` is not a duration."""
+    match = _DURATION.match(raw)
+    return float(match[1]) * _UNITS[match[2]] if match else None
+
+
 SECRETS = ("SEAM_API_KEY", "TWILIO_AUTH_TOKEN", "SMTP_PASSWORD", "AMQP_URL")
 
 
@@ -96,13 +105,11 @@ class _Reader:
         raw = self.text(name)
         if raw is None:
             return default
-        match = _DURATION.match(raw)
-        if not match:
-            self.problems.append(
-                f"{name}: must be a duration such as 90, 90s, 15m, 2h or 1d, got {raw!r}"
-            )
+        seconds = parse_duration(raw)
+        if seconds is None:
+            self.problems.append(f"{name}: must be {DURATION_HINT}, got {raw!r}")
             return default
-        return float(match[1]) * _UNITS[match[2]]
+        return seconds
 
     def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
         raw = self.text(name, default) or default

@@ -4,23 +4,22 @@ import argparse
 import asyncio
 import hashlib
 import json
-import re
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from worker import config
-from worker.broker.connect import connect
+from worker.broker.connect import BROKER_ERRORS, connect
 from worker.broker.publisher import Publisher, clean_headers
 from worker.broker.topology import Names
+from worker.config import DURATION_HINT, parse_duration
 
 BATCH = 100  # replays in flight at once, and how often a progress line is printed
 DEFAULT_LIMIT = 100
@@ -28,21 +27,12 @@ ERROR_WIDTH = 160
 BODY_CHARS = 4000
 SHOWN_FAILURES = 20
 KEPT_HEADERS = ("x-ikw-routing-key",)  # where the event was first published: not bookkeeping
-BROKER_ERRORS = (
-    aio_pika.exceptions.AMQPError,
-    aiormq.exceptions.AMQPError,
-    aio_pika.exceptions.ChannelInvalidStateError,
-    ConnectionError,
-    asyncio.TimeoutError,
-)
 BROKER_REASONS = {
     "delivery_limit": "redelivered past the queue's x-delivery-limit, never acked (crash loop?)",
     "rejected": "rejected without requeue",
     "expired": "expired (message TTL)",
     "maxlen": "dropped by the queue's length limit",
 }
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 
 
@@ -92,9 +82,9 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
         attempts = headers.get("x-ikw-attempt", 1)
     return DeadLetter(
         message=message,
-        id=letter_id(message),
-        reason=reason,
-        source=source,
+        id=_printable(letter_id(message)),
+        reason=_printable(reason),
+        source=_printable(source),
         attempts=attempts if isinstance(attempts, int) else None,
         dead_at=dead_at,
         error=_one_line(error),
@@ -124,8 +114,13 @@ def _text(value: object) -> str:
     return "" if value is None else str(value)
 
 
+def _printable(text: str) -> str:
+    """Producers choose ids and headers: keep their control characters off the terminal."""
+    return "".join(char if char.isprintable() else "?" for char in text)
+
+
 def _one_line(text: str, width: int = ERROR_WIDTH) -> str:
-    flat = " ".join(text.split())
+    flat = _printable(" ".join(text.split()))
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
@@ -214,6 +209,10 @@ def select(
     return [letter for letter in letters if keep(letter)]
 
 
+def dead_letters(count: int) -> str:
+    return f"{count} dead letter" + ("" if count == 1 else "s")
+
+
 def by_reason(letters: Iterable[DeadLetter]) -> list[str]:
     counts = Counter(letter.reason for letter in letters).most_common()
     return [f"  {count:>6}  {reason}" for reason, count in counts]
@@ -229,16 +228,15 @@ async def _list(
     chosen = newest_first(
         select(letters, reason=args.reason, older_than=args.older_than, newer_than=args.newer_than)
     )
-    filtered = len(chosen) != len(letters)
     if not chosen:
         print(
-            f"no dead letters in {names.dead}" + (f" match (of {len(letters)})" if filtered else "")
+            f"none of the {dead_letters(len(letters))} in {names.dead} match"
+            if letters
+            else f"no dead letters in {names.dead}"
         )
         return 0
-    print(
-        f"{len(chosen)} dead letters in {names.dead}"
-        + (f" (of {len(letters)})" if filtered else "")
-    )
+    of = f" (of {len(letters)})" if len(chosen) < len(letters) else ""
+    print(f"{dead_letters(len(chosen))} in {names.dead}{of}")
     print("\n".join(by_reason(chosen)))
     print()
     shown = chosen[: args.limit] if args.limit else chosen
@@ -248,27 +246,20 @@ async def _list(
     return 0
 
 
+HEADINGS = ("ID", "REASON", "SOURCE QUEUE", "ATTEMPTS", "DEAD-LETTERED AT", "ERROR")
+
+
+def _row(letter: DeadLetter) -> tuple[str, ...]:
+    attempts = "-" if letter.attempts is None else str(letter.attempts)
+    source, error = letter.source or "-", letter.error or "-"
+    return (letter.id, letter.reason, source, attempts, _stamp(letter.dead_at), error)
+
+
 def _table(letters: list[DeadLetter]) -> str:
-    rows = [("ID", "REASON", "SOURCE QUEUE", "ATTEMPTS", "DEAD-LETTERED AT", "ERROR")]
-    for letter in letters:
-        attempts = "-" if letter.attempts is None else str(letter.attempts)
-        rows.append(
-            (
-                letter.id,
-                letter.reason,
-                letter.source or "-",
-                attempts,
-                _stamp(letter.dead_at),
-                letter.error or "-",
-            )
-        )
-    widths = [max(len(row[col]) for row in rows) for col in range(5)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-        + "  "
-        + row[5]
-        for row in rows
-    )
+    rows = [HEADINGS, *map(_row, letters)]
+    widths = [max(len(row[col]) for row in rows) for col in range(len(HEADINGS) - 1)]
+    # The error, last, is not padded: it may be long.
+    return "\n".join("  ".join([*map(str.ljust, row, widths), row[-1]]) for row in rows)
 
 
 async def _show(
@@ -294,8 +285,8 @@ def _details(letter: DeadLetter) -> str:
         f"source queue:     {letter.source or '-'}",
         f"attempts:         {'-' if letter.attempts is None else letter.attempts}",
         f"dead-lettered at: {_stamp(letter.dead_at)}",
-        f"message_id:       {message.message_id or '-'}",
-        f"content_type:     {message.content_type or '-'}",
+        f"message_id:       {_plain(message.message_id or '-')}",
+        f"content_type:     {_plain(message.content_type or '-')}",
         "headers:",
     ]
     headers = message.headers or {}
@@ -308,8 +299,8 @@ def _details(letter: DeadLetter) -> str:
 def _header_lines(key: str, value: object) -> list[str]:
     if isinstance(value, list) and all(isinstance(item, dict) for item in value):
         entries = [" ".join(f"{k}={_plain(v)}" for k, v in item.items()) for item in value]
-        return [f"  {key}:", *(f"    - {entry}" for entry in entries)]
-    return [f"  {key}: {_plain(value)}"]
+        return [f"  {_plain(key)}:", *(f"    - {entry}" for entry in entries)]
+    return [f"  {_plain(key)}: {_plain(value)}"]
 
 
 def _plain(value: object) -> str:
@@ -317,14 +308,19 @@ def _plain(value: object) -> str:
         return _stamp(value)
     if isinstance(value, list):
         return "[" + ", ".join(_plain(item) for item in value) + "]"
-    return repr(value) if isinstance(value, bytes) else str(value)
+    text = str(value)
+    return text if text.isprintable() and not isinstance(value, bytes) else repr(value)
 
 
 def _body_lines(body: bytes) -> list[str]:
     try:
-        text, kind = json.dumps(json.loads(body), indent=2, ensure_ascii=False), "JSON"
+        parsed = json.loads(body)
     except (ValueError, RecursionError):
         text, kind = repr(body), "not JSON, shown as Python bytes"
+    else:
+        text, kind = json.dumps(parsed, indent=2, ensure_ascii=False), "JSON"
+        if not text.replace("\n", "").isprintable():
+            text = json.dumps(parsed, indent=2)
     lines = [f"body ({len(body)} bytes, {kind}):"]
     if len(text) > BODY_CHARS:
         cut = len(text) - BODY_CHARS
@@ -365,7 +361,7 @@ async def confirm(
     chosen = _selection(args, await snapshot(connection, names))
     if not chosen:
         return Confirmed([])
-    print(f"{verb} {len(chosen)} dead letters from {names.dead}:")
+    print(f"{verb} {dead_letters(len(chosen))} from {names.dead}:")
     print("\n".join(by_reason(chosen)))
     if not sys.stdin or not sys.stdin.isatty():
         print(
@@ -375,11 +371,30 @@ async def confirm(
         )
         return None
     print(f"type {len(chosen)} or y to {verb} them: ", end="", flush=True)
-    answer = (await asyncio.to_thread(sys.stdin.readline)).strip().lower()
+    answer = (await _answer()).strip().lower()
     if answer not in (str(len(chosen)), "y", "yes"):
         print("not confirmed; nothing was changed")
         return None
     return Confirmed(chosen)
+
+
+async def _answer() -> str:
+    """A line from the terminal, read on the loop: a thread blocked in readline would keep
+    asyncio.run from exiting on Ctrl-C."""
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
+    return sys.stdin.readline()
 
 
 async def _replay(
@@ -411,17 +426,35 @@ async def republish(
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     publisher = Publisher(channel, names)
     failures: list[str] = []
+    done = 0
     try:
-        for start in range(0, len(letters), BATCH):
-            batch = letters[start : start + BATCH]
+        for batch in _batches(letters):
             results = await asyncio.gather(*(_replay_one(publisher, letter) for letter in batch))
             failures.extend(result for result in results if result)
-            done = start + len(batch)
-            if len(letters) > BATCH:
+            before, done = done, done + len(batch)
+            if len(letters) > BATCH and (done // BATCH > before // BATCH or done == len(letters)):
                 print(f"… {done} of {len(letters)} done, {len(failures)} failed", flush=True)
     finally:
         await channel.close()
     return failures
+
+
+def _batches(letters: list[DeadLetter]) -> Iterator[list[DeadLetter]]:
+    """Up to BATCH at a time, never two with one message_id in flight: aiormq matches a returned
+    (unroutable) publish to its confirm by message_id, so twins could take each other's confirm
+    and a lost message would look delivered."""
+    batch: list[DeadLetter] = []
+    ids: set[str] = set()
+    for letter in letters:
+        message_id = letter.message.message_id
+        if len(batch) == BATCH or message_id in ids:
+            yield batch
+            batch, ids = [], set()
+        batch.append(letter)
+        if message_id:
+            ids.add(message_id)
+    if batch:
+        yield batch
 
 
 async def _replay_one(publisher: Publisher, letter: DeadLetter) -> str | None:
@@ -479,7 +512,7 @@ async def _purge(
             raise DlqError(
                 f"lost the channel ({type(exc).__name__}) after purging {purged}; the rest stay"
             ) from None
-    print(f"purged {purged} dead letters from {names.dead}")
+    print(f"purged {dead_letters(purged)} from {names.dead}")
     return 0
 
 
@@ -487,10 +520,10 @@ async def _purge(
 
 
 def duration(raw: str) -> timedelta:
-    match = _DURATION.match(raw)
-    if not match:
-        raise argparse.ArgumentTypeError(f"use a duration such as 90, 90s, 15m, 2h or 1d: {raw!r}")
-    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    seconds = parse_duration(raw)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(f"use {DURATION_HINT}: {raw!r}")
+    return timedelta(seconds=seconds)
 
 
 def add_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -6,6 +6,14 @@ from urllib.parse import urlsplit
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
+# What a lost channel or connection looks like when we ack or publish.
+BROKER_ERRORS = (
+    aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,  # a RuntimeError, not an AMQPError
+    ConnectionError,
+    TimeoutError,
+)
+
 
 class BrokerUnreachable(Exception):
     pass

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
+from worker.broker.connect import BROKER_ERRORS
 from worker.broker.publisher import Publisher, clean_headers
 from worker.broker.topology import Names
 from worker.errors import CredentialsRefused, Permanent, Transient
@@ -26,12 +26,6 @@ from worker.metrics import Metrics
 log = logging.getLogger("worker.consumer")
 
 MAX_BACKOFF = 3600.0
-# What a lost channel or connection looks like when we ack or publish.
-BROKER_ERRORS = (
-    aio_pika.exceptions.AMQPError,
-    aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError, not an AMQPError
-    ConnectionError,
-)
 
 
 def backoff(attempt: int, retry_after: float | None = None) -> float:
