@@ -4,6 +4,27 @@ Messages of these exceptions are logged and copied into dead-letter headers: the
 an instant_key_url, an API key, a phone number or an email address.
 """
 
+import math
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+
+def retry_after_seconds(header: str | None) -> float | None:
+    """A Retry-After header as seconds from now: delay-seconds or an HTTP date."""
+    if not header:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        try:
+            moment = parsedate_to_datetime(header)
+        except (TypeError, ValueError):
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        seconds = (moment - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
 
 class WorkerError(Exception):
     """Base class; ``reason`` is the short code a dead letter carries."""

@@ -2,16 +2,21 @@
 worker.errors. Messages never carry the API key, an instant key URL, an email or a phone number."""
 
 import json
-import math
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import aiohttp
 
-from worker.errors import CredentialsRefused, NotFound, SeamRejected, Transient, WorkerError
+from worker.errors import (
+    CredentialsRefused,
+    NotFound,
+    SeamRejected,
+    Transient,
+    WorkerError,
+    retry_after_seconds,
+)
 from worker.ports import InstantKey, UserIdentity
 
 USER_AGENT = "instant-key-worker/0.1"
@@ -157,27 +162,10 @@ def _failure(
     if status == 404:
         return NotFound(message)
     if status in (408, 429) or status >= 500:
-        return Transient(message, retry_after=_seconds(retry_after))
+        return Transient(message, retry_after=retry_after_seconds(retry_after))
     if 400 <= status < 500:
         return SeamRejected(message, error_type=error_type)
     return Transient(message)
-
-
-def _seconds(retry_after: str | None) -> float | None:
-    """Retry-After as seconds from now: delay-seconds or an HTTP date."""
-    if retry_after is None:
-        return None
-    try:
-        seconds = float(retry_after)
-    except ValueError:
-        try:
-            moment = parsedate_to_datetime(retry_after)
-        except (TypeError, ValueError):
-            return None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        seconds = (moment - datetime.now(UTC)).total_seconds()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _present(**fields: object) -> Json:

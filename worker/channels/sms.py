@@ -2,8 +2,6 @@
 
 import logging
 from contextvars import ContextVar
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -13,7 +11,13 @@ from twilio.http.response import Response
 from twilio.rest import Client
 
 from worker.channels.templates import render_sms
-from worker.errors import ChannelRefused, CredentialsRefused, Transient, WorkerError
+from worker.errors import (
+    ChannelRefused,
+    CredentialsRefused,
+    Transient,
+    WorkerError,
+    retry_after_seconds,
+)
 from worker.ports import KeyMessage
 
 # The last response's Retry-After, per task: twilio's exceptions do not keep response headers.
@@ -147,26 +151,9 @@ def _translate(exc: TwilioException) -> WorkerError:
         return ChannelRefused(f"twilio refused the message (code {code})", code=str(code))
     return Transient(
         f"twilio could not take the message ({_describe(exc)})",
-        retry_after=_parse_retry_after(_retry_after.get()),
+        retry_after=retry_after_seconds(_retry_after.get()),
     )
 
 
 def _describe(exc: TwilioException) -> str:
     return f"HTTP {getattr(exc, 'status', '?')}, code {getattr(exc, 'code', '?')}"
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
