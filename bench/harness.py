@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -169,6 +170,13 @@ class Exit:
     killed: bool
 
 
+async def queue_counts(channel: AbstractChannel, queue: str) -> tuple[int, int]:
+    """(ready messages, consumers) now: a passive declare on the underlying channel, since the
+    robust channel hands back its cached first answer."""
+    result = await (await channel.get_underlay_channel()).queue_declare(queue, passive=True)
+    return result.message_count or 0, result.consumer_count or 0
+
+
 class Workers:
     """K ``ikw run`` processes, each logging to its own file."""
 
@@ -209,13 +217,12 @@ class Workers:
         started = time.monotonic()
         while True:
             self.check_alive()
-            declared = await channel.declare_queue(queue, passive=True)
-            result = declared.declaration_result
-            if result.consumer_count >= len(self.processes):
+            consumers = (await queue_counts(channel, queue))[1]
+            if consumers >= len(self.processes):
                 return time.monotonic() - started
             if time.monotonic() - started > timeout:
                 raise TimeoutError(
-                    f"{result.consumer_count} of {len(self.processes)} workers consuming "
+                    f"{consumers} of {len(self.processes)} workers consuming "
                     f"after {timeout:.0f} s; logs in {self.log_dir}"
                 )
             await asyncio.sleep(0.1)
@@ -238,17 +245,37 @@ class Workers:
                 process.kill()
             return Exit(process.pid, await process.wait(), killed=True)
 
-    def log_levels(self) -> dict[str, int]:
-        """How many log lines of each level the workers wrote (non-JSON lines as 'raw')."""
-        counts: dict[str, int] = {}
+    def log_summary(self) -> "LogSummary":
+        summary = LogSummary()
         for path in sorted(self.log_dir.glob("worker-*.log")):
             for line in path.read_text(errors="replace").splitlines():
-                try:
-                    level = str(json.loads(line).get("level", "?"))
-                except (ValueError, AttributeError):
-                    level = "raw"
-                counts[level] = counts.get(level, 0) + 1
-        return counts
+                summary.add(line)
+        return summary
+
+
+@dataclass
+class LogSummary:
+    """The workers' JSON log lines, counted: by level, outcome, and attempt of acked messages."""
+
+    levels: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    acked_attempts: Counter[int] = field(default_factory=Counter)
+
+    def add(self, line: str) -> None:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            self.levels["not json"] += 1
+            return
+        self.levels[str(entry.get("level", "?"))] += 1
+        outcome = entry.get("outcome")
+        if isinstance(outcome, str):
+            self.outcomes[outcome] += 1
+            attempt = entry.get("attempt")
+            if outcome == "acked" and isinstance(attempt, int):
+                self.acked_attempts[attempt] += 1
 
 
 class Broker:
@@ -265,17 +292,15 @@ class Broker:
         self.connection = await aio_pika.connect_robust(
             self.url, client_properties={"connection_name": f"bench {self.names.namespace}"}
         )
-        self.channel = await self.connection.channel(
-            publisher_confirms=True, on_return_raises=True
-        )
+        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         await topology.declare(self.channel, self.names)
         self.publisher = Publisher(self.channel, self.names)
 
     async def publish_grants(
-        self, bodies: Iterable[tuple[str, bytes]], concurrency: int = 100
+        self, bodies: Iterable[tuple[str, bytes]], *, rate: float = 0.0, concurrency: int = 100
     ) -> list[float]:
-        """Publish (event_id, body) pairs, ``concurrency`` confirms in flight; returns for each
-        the monotonic time its publish started."""
+        """Publish (event_id, body) pairs with confirms, at most ``concurrency`` in flight and,
+        when ``rate`` > 0, at ``rate`` per second. Returns each one's publish start time."""
         assert self.publisher is not None
         publisher = self.publisher
         gate = asyncio.Semaphore(concurrency)
@@ -286,7 +311,13 @@ class Broker:
                 await publisher.publish_event("access.granted", body, event_id)
                 return started
 
-        return list(await asyncio.gather(*(one(e, b) for e, b in bodies)))
+        tasks = []
+        first = time.monotonic()
+        for index, (event_id, body) in enumerate(bodies):
+            if rate > 0:
+                await asyncio.sleep(max(0.0, first + index / rate - time.monotonic()))
+            tasks.append(asyncio.create_task(one(event_id, body)))
+        return list(await asyncio.gather(*tasks))
 
     async def close(self) -> None:
         """Delete the namespace's topology and close."""

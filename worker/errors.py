@@ -96,3 +96,10 @@ class CredentialsRefused(WorkerError):
     def __init__(self, message: str, *, service: str) -> None:
         super().__init__(message)
         self.service = service
+
+
+class Abandoned(WorkerError):
+    """The broker took the message back (its channel closed) and will redeliver it: stop before
+    sending, so a connection cut does not text the guest twice."""
+
+    reason = "abandoned"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from worker.errors import ChannelRefused, Permanent, SeamRejected
+from worker.errors import Abandoned, ChannelRefused, Permanent, SeamRejected
 from worker.events import AccessGranted, AccessRevoked, IdentityRef, KeyCleanup
 from worker.logs import mask_email, mask_phone
 from worker.ports import Channel, InstantKey, KeyMessage, Seam, UserIdentity
@@ -78,7 +78,11 @@ class Flows:
         self.clock = clock
         self.locks = KeyedLocks()
 
-    async def grant(self, event: AccessGranted) -> Outcome:
+    async def grant(
+        self, event: AccessGranted, still_held: Callable[[], bool] = lambda: True
+    ) -> Outcome:
+        """``still_held`` says whether the message is still ours to ack; when it is not, another
+        delivery of it will do the work, so nothing is sent."""
         guest = event.user_identity
         async with self.locks.hold(guest.lock_key):
             identity = await self._resolve_or_create(event)
@@ -93,7 +97,7 @@ class Flows:
             expires_at=key.expires_at,
             url=key.instant_key_url,
         )
-        channel = await self._deliver(message, event.delivery.channels)
+        channel = await self._deliver(message, event.delivery.channels, still_held)
         return Outcome("granted", channel=channel, key_id=key.instant_key_id, minted=minted)
 
     async def revoke(self, event: AccessRevoked) -> Outcome:
@@ -197,9 +201,13 @@ class Flows:
             )
         return keep
 
-    async def _deliver(self, message: KeyMessage, order: Sequence[str]) -> str:
+    async def _deliver(
+        self, message: KeyMessage, order: Sequence[str], still_held: Callable[[], bool]
+    ) -> str:
         refusals = []
         for name in order:
+            if not still_held():
+                raise Abandoned("the broker took the message back before delivery")
             channel = self.channels.get(name)
             if channel is None:
                 refusals.append(f"{name}: not configured")

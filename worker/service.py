@@ -72,6 +72,8 @@ class Service:
 
     async def start(self) -> None:
         self.connection = await connect(self.settings.amqp_url)
+        self.connection.close_callbacks.add(self._connection_lost)
+        self.connection.reconnect_callbacks.add(self._reconnected)
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         await topology.declare(channel, self.names)
@@ -106,6 +108,13 @@ class Service:
             },
         )
         self._guard = asyncio.create_task(self._wait_for_credentials(None))
+
+    def _connection_lost(self, *_: object) -> None:
+        if not self.stopping.is_set():
+            log.warning("lost the connection to RabbitMQ; reconnecting")
+
+    def _reconnected(self, *_: object) -> None:
+        log.info("reconnected to RabbitMQ")
 
     def _credentials_refused(self, exc: CredentialsRefused) -> None:
         if self._guard is None or self._guard.done():

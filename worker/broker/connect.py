@@ -24,6 +24,9 @@ async def connect(url: str, name: str = "instant-key-worker") -> AbstractRobustC
     aiormq_log = logging.getLogger("aiormq")
     level = aiormq_log.level
     aiormq_log.setLevel(logging.CRITICAL)
+    if "reconnect_interval" not in urlsplit(url).query:
+        # aio-pika waits 5 s between attempts; a worker that is not connected delivers nothing.
+        url += ("&" if "?" in url else "?") + "reconnect_interval=1"
     try:
         return await aio_pika.connect_robust(
             url, fail_fast=True, client_properties={"connection_name": name}

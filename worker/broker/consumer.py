@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from worker.broker.connect import BROKER_ERRORS
 from worker.broker.publisher import Publisher, clean_headers
 from worker.broker.topology import Names
-from worker.errors import CredentialsRefused, Permanent, Transient
+from worker.errors import Abandoned, CredentialsRefused, Permanent, Transient
 from worker.events import AccessGranted, AccessRevoked, Event, KeyCleanup, event_key, parse
 from worker.flows import Flows, Outcome
 from worker.metrics import Metrics
@@ -121,7 +121,9 @@ class Consumer:
             try:
                 event = parse(message.body, message.content_type)
                 ctx["event"] = event_key(event)
-                outcome = await self._dispatch(event)
+                outcome = await self._dispatch(event, partial(_held, message))
+            except Abandoned:
+                settled = "abandoned"  # the broker redelivers it; nothing to ack or publish
             except CredentialsRefused as exc:
                 settled = await asyncio.shield(self._requeue(queue, message))
                 self.on_credentials_refused(exc)
@@ -145,9 +147,9 @@ class Consumer:
             self.metrics.in_flight.dec()
             self.metrics.seconds.labels(queue).observe(time.monotonic() - started)
 
-    async def _dispatch(self, event: Event) -> Outcome:
+    async def _dispatch(self, event: Event, still_held: Callable[[], bool]) -> Outcome:
         if isinstance(event, AccessGranted):
-            return await self.flows.grant(event)
+            return await self.flows.grant(event, still_held)
         if isinstance(event, AccessRevoked):
             return await self.flows.revoke(event)
         assert isinstance(event, KeyCleanup)
@@ -244,6 +246,14 @@ class Consumer:
 def _describe(outcome: Outcome) -> dict[str, Any]:
     fields = {"action": outcome.action, "channel": outcome.channel, "key_id": outcome.key_id}
     return {k: v for k, v in fields.items() if v is not None} | {"minted": outcome.minted}
+
+
+def _held(message: AbstractIncomingMessage) -> bool:
+    """False once the channel the message came on has closed: the broker will redeliver it."""
+    try:
+        return not message.channel.is_closed
+    except BROKER_ERRORS:
+        return False
 
 
 def _attempt(message: AbstractIncomingMessage) -> int:

@@ -1,0 +1,509 @@
+"""Fault soak: grants through several `ikw run` workers while Seam answers 503, Twilio 429 and a
+proxy cuts every AMQP connection; then count what was delivered, dead-lettered, sent twice, minted
+twice and lost. Exits 1 when a grant is lost, an identity holds two live keys or a worker hangs.
+
+Every event carries its number in the guest's name ("Guest E000042"), which the SMS and the email
+quote, so each send maps to exactly one event; each identity has its own phone and email address.
+"""
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from harness import (
+    AMQP_URL,
+    Broker,
+    Exit,
+    LogSummary,
+    Workers,
+    broker_port,
+    grant_body,
+    new_names,
+    print_figures,
+    queue_counts,
+    with_port,
+    worker_env,
+)
+
+from worker.broker.topology import Names
+from worker.sandbox.all import Sandbox
+from worker.sandbox.proxy import Proxy
+
+TAG = re.compile(r"Guest E(\d{6})")
+LINK = re.compile(r"https://ik\.seam\.co/[A-Za-z0-9_-]+")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--grants", type=int, default=2000, help="distinct grant events (2000)")
+    add("--workers", type=int, default=3, help="worker processes (3)")
+    add("--prefetch", type=int, default=32, help="IKW_PREFETCH per worker (32)")
+    add("--seam-503", type=float, default=0.10, help="share of Seam calls failed with 503")
+    add("--twilio-429", type=float, default=0.05, help="share of SMS refused with 20429/429")
+    add("--seam-latency", type=float, default=0.0, help="ms added to each Seam call (0)")
+    add("--cut-every", type=float, default=3.0, help="s between proxy cuts (0: never)")
+    add("--deadline", type=float, default=600.0, help="s to wait for every grant (600)")
+    add("--settle", type=float, default=3.0, help="s to wait after the faults stop (3)")
+    add("--repeats", type=float, default=0.10, help="share of grants for a repeated identity")
+    add("--doubles", type=float, default=0.05, help="share of events published twice")
+    add("--email-only", type=float, default=0.10, help="share of identities without a phone")
+    add("--max-attempts", type=int, default=20, help="IKW_MAX_ATTEMPTS (20)")
+    add("--seed", type=int, default=None, help="random seed for the plan (default: random)")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Guest:
+    index: int
+    key: str
+    phone: str | None
+    email: str
+    channels: list[str]
+
+
+@dataclass(frozen=True)
+class Grant:
+    number: int
+    event_id: str
+    guest: Guest
+    copies: int
+
+    def body(self) -> bytes:
+        g = self.guest
+        name = f"Guest E{self.number:06d}"
+        return grant_body(
+            self.event_id, g.key, name=name, phone=g.phone, email=g.email, channels=g.channels
+        )
+
+
+def make_guests(count: int, email_only: float, rng: random.Random, prefix: str) -> list[Guest]:
+    guests = []
+    for index in range(count):
+        phone = None if rng.random() < email_only else f"+1415{index:07d}"
+        channels = ["sms", "email"] if phone else ["email"]
+        email = f"soak{index}@example.com"
+        guests.append(Guest(index, f"{prefix}-{index}", phone, email, channels))
+    return guests
+
+
+def make_grants(args: argparse.Namespace, rng: random.Random, prefix: str) -> list[Grant]:
+    repeats = round(args.grants * args.repeats)
+    guests = make_guests(args.grants - repeats, args.email_only, rng, prefix)
+    popular = guests[: max(1, repeats // 2)]  # about three grants each
+    owners = guests + [rng.choice(popular) for _ in range(repeats)]
+    doubled = set(rng.sample(range(args.grants), round(args.grants * args.doubles)))
+    return [
+        Grant(number, str(uuid.uuid4()), owner, 2 if number in doubled else 1)
+        for number, owner in enumerate(owners)
+    ]
+
+
+def publish_order(grants: list[Grant], rng: random.Random) -> list[Grant]:
+    """Every copy once, shuffled; half the repeated identities' grants come in one burst and
+    half the second copies follow their first at once, so replicas race for the same identity."""
+    by_guest: dict[int, list[Grant]] = {}
+    for grant in grants:
+        by_guest.setdefault(grant.guest.index, []).append(grant)
+    blocks: list[list[Grant]] = []
+    for own in by_guest.values():
+        burst = len(own) > 1 and rng.random() < 0.5
+        blocks.extend([list(own)] if burst else [[g] for g in own])
+    home = {grant.number: block for block in blocks for grant in block}
+    for grant in grants:
+        if grant.copies == 2:
+            if rng.random() < 0.5:
+                home[grant.number].append(grant)
+            else:
+                blocks.append([grant])
+    rng.shuffle(blocks)
+    return [grant for block in blocks for grant in block]
+
+
+# ------------------------------------------------------------------------------ the tally
+
+
+@dataclass
+class DeadLetter:
+    number: int | None  # None: not one of our grants (a cleanup)
+    reason: str
+
+
+@dataclass
+class Tally:
+    """Sends seen in the stand-ins and dead letters read from ``<ns>.dead``, per event number."""
+
+    grants: list[Grant]
+    sends: Counter[int] = field(default_factory=Counter)
+    by_channel: Counter[str] = field(default_factory=Counter)
+    links: dict[int, set[str]] = field(default_factory=dict)  # guest index -> links received
+    dead: list[DeadLetter] = field(default_factory=list)
+    unidentified: int = 0
+    _sms_seen: int = 0
+    _mail_seen: int = 0
+
+    def __post_init__(self) -> None:
+        self.numbers = {g.event_id: g.number for g in self.grants}
+
+    def scan(self, sandbox: Sandbox) -> None:
+        outbox = sandbox.twilio.outbox
+        for entry in outbox[self._sms_seen :]:
+            self._count("sms", entry["body"])
+        self._sms_seen = len(outbox)
+        messages = sandbox.smtp.messages
+        for message in messages[self._mail_seen :]:
+            part = message.get_body(preferencelist=("plain",))
+            self._count("email", part.get_content() if part is not None else "")
+        self._mail_seen = len(messages)
+
+    def _count(self, channel: str, text: str) -> None:
+        tag = TAG.search(text)
+        if tag is None or int(tag[1]) >= len(self.grants):
+            self.unidentified += 1
+            return
+        number = int(tag[1])
+        self.sends[number] += 1
+        self.by_channel[channel] += 1
+        guest = self.grants[number].guest.index
+        self.links.setdefault(guest, set()).update(LINK.findall(text))
+
+    def on_dead(self, message: AbstractIncomingMessage) -> None:
+        headers = message.headers or {}
+        reason = _text(headers.get("x-ikw-reason"))
+        if reason is None:
+            reason = f"broker:{_text(headers.get('x-first-death-reason')) or '?'}"
+        try:
+            event_id = json.loads(message.body).get("event_id")
+        except (ValueError, AttributeError):
+            event_id = None
+        self.dead.append(DeadLetter(self.numbers.get(event_id), reason))
+
+    async def on_dead_message(self, message: AbstractIncomingMessage) -> None:
+        self.on_dead(message)
+
+    def dead_count(self) -> Counter[int]:
+        return Counter(d.number for d in self.dead if d.number is not None)
+
+    def unaccounted(self) -> list[Grant]:
+        """Grants with fewer sends plus dead letters than copies published."""
+        dead = self.dead_count()
+        return [g for g in self.grants if self.sends[g.number] + dead[g.number] < g.copies]
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value if isinstance(value, str) else None
+
+
+# ------------------------------------------------------------------------- the soak itself
+
+
+@dataclass
+class Faults:
+    sandbox: Sandbox
+    proxy: Proxy
+    every: float
+    cuts: int = 0
+    task: asyncio.Task[None] | None = None
+
+    def start(self, seam_503: float, twilio_429: float) -> None:
+        self.sandbox.seam.fail_rate, self.sandbox.seam.fail_status = seam_503, 503
+        self.sandbox.twilio.fail_rate = twilio_429
+        self.sandbox.twilio.fail_code, self.sandbox.twilio.fail_status = 20429, 429
+        if self.every > 0:
+            self.task = asyncio.create_task(self._cut_forever())
+
+    async def _cut_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            self.proxy.cut()
+            self.cuts += 1
+
+    async def stop(self) -> None:
+        self.sandbox.seam.fail_rate = 0.0
+        self.sandbox.twilio.fail_rate = 0.0
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+@dataclass
+class Watch:
+    """How the wait went: when everything was accounted for, and how many workers were
+    consuming the grants queue at each look (every 0.25 s)."""
+
+    after: float | None = None
+    consumers: list[int] = field(default_factory=list)
+
+
+async def wait_accounted(
+    tally: Tally,
+    sandbox: Sandbox,
+    workers: Workers,
+    faults: Faults,
+    broker: Broker,
+    deadline: float,
+) -> Watch:
+    """Until every grant is delivered or dead-lettered (``after`` set), or the deadline."""
+    assert broker.channel is not None
+    watch = Watch()
+    started = time.monotonic()
+    next_note = started + 10
+    while True:
+        tally.scan(sandbox)
+        left = len(tally.unaccounted())
+        now = time.monotonic()
+        if left == 0:
+            watch.after = now - started
+            return watch
+        if now - started > deadline:
+            return watch
+        if now >= next_note:
+            note = f"{now - started:5.0f} s: {left} grants not yet accounted for, "
+            print(note + f"{len(tally.dead)} dead letters, {faults.cuts} cuts", file=sys.stderr)
+            next_note += 10
+        workers.check_alive()
+        watch.consumers.append((await queue_counts(broker.channel, broker.names.grants))[1])
+        await asyncio.sleep(0.25)
+
+
+@dataclass
+class Leftovers:
+    """What was still queued after the workers stopped (the dead queue aside)."""
+
+    grants: Counter[str] = field(default_factory=Counter)  # queue -> grant copies
+    others: Counter[str] = field(default_factory=Counter)  # queue -> cleanups and the like
+    numbers: set[int] = field(default_factory=set)  # events with a copy still queued
+
+
+async def census(channel: AbstractChannel, names: Names, tally: Tally) -> Leftovers:
+    """Read (and remove) every message left in the namespace's queues but the dead one."""
+    left = Leftovers()
+    for name in names.all_queues():
+        if name == names.dead or (await queue_counts(channel, name))[0] == 0:
+            continue
+        queue = await channel.get_queue(name)
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            number = tally.numbers.get(json.loads(message.body).get("event_id"))
+            if number is None:
+                left.others[name] += 1
+            else:
+                left.grants[name] += 1
+                left.numbers.add(number)
+    return left
+
+
+async def drain_dead(channel: AbstractChannel, names: Names, tally: Tally) -> None:
+    """Read the rest of ``<ns>.dead`` (the live consumer may lag) into the tally."""
+    queue = await channel.get_queue(names.dead)
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        tally.on_dead(message)
+
+
+# -------------------------------------------------------------------------------- figures
+
+
+@dataclass
+class Outcome:
+    args: argparse.Namespace
+    grants: list[Grant]
+    tally: Tally
+    sandbox: Sandbox
+    watch: Watch
+    elapsed: float
+    cuts: int
+    exits: list[Exit]
+    left: Leftovers
+    logs: LogSummary
+
+    def lost(self) -> list[Grant]:
+        return self.tally.unaccounted()
+
+    def duplicate_keys(self) -> int:
+        seam = self.sandbox.seam
+        return sum(1 for i in seam.identities if len(seam.live_keys(i)) > 1)
+
+    def hung(self) -> list[int]:
+        return [e.pid for e in self.exits if e.killed]
+
+
+def plan_rows(o: Outcome) -> list[tuple[str, object]]:
+    guests = Counter(g.guest.index for g in o.grants)
+    published = sum(g.copies for g in o.grants)
+    cuts = f"cut every {o.args.cut_every:g} s" if o.args.cut_every > 0 else "no cuts"
+    return [
+        ("grants (distinct events)", len(o.grants)),
+        ("identities", f"{len(guests)} ({sum(1 for n in guests.values() if n > 1)} repeated)"),
+        ("published messages", f"{published} ({published - len(o.grants)} events twice)"),
+        (
+            "faults",
+            f"Seam 503 {o.args.seam_503:.0%} (+{o.args.seam_latency:g} ms), "
+            f"Twilio 429 {o.args.twilio_429:.0%}, "
+            f"{cuts}, {o.args.workers} workers x prefetch {o.args.prefetch}",
+        ),
+    ]
+
+
+def delivery_rows(o: Outcome) -> list[tuple[str, object]]:
+    t = o.tally
+    dead_events = t.dead_count()
+    delivered = sum(1 for g in o.grants if t.sends[g.number] > 0)
+    only_dead = sum(1 for g in o.grants if t.sends[g.number] == 0 and dead_events[g.number])
+    reasons = Counter(d.reason for d in t.dead)
+    beyond_event = sum(max(0, t.sends[g.number] - 1) for g in o.grants)
+    beyond_copy = sum(max(0, t.sends[g.number] - g.copies) for g in o.grants)
+    shown = ", ".join(f"{r} {n}" for r, n in reasons.most_common()) or "none"
+    return [
+        (
+            "delivered (events)",
+            f"{delivered} (sms {t.by_channel['sms']}, email {t.by_channel['email']} sends)",
+        ),
+        ("dead-lettered (messages)", f"{len(t.dead)}: {shown}"),
+        ("dead-lettered, never delivered", only_dead),
+        (
+            "duplicate sends",
+            f"{beyond_event} beyond one per event, {beyond_copy} beyond one per published copy",
+        ),
+        ("unidentified sends", t.unidentified),
+        ("identities sent >1 link", sum(1 for links in t.links.values() if len(links) > 1)),
+    ]
+
+
+def key_rows(o: Outcome) -> list[tuple[str, object]]:
+    seam, twilio = o.sandbox.seam, o.sandbox.twilio
+    live = sum(len(seam.live_keys(i)) for i in seam.identities)
+    return [
+        ("seam calls per grant", f"{len(seam.requests) / len(o.grants):.2f}"),
+        (
+            "twilio requests",
+            f"{twilio.received} ({twilio.received - len(twilio.outbox)} refused or failed)",
+        ),
+        ("seam identities", len(seam.identities)),
+        ("keys minted / live", f"{len(seam.issued)} / {live}"),
+        ("duplicate keys", o.duplicate_keys()),
+    ]
+
+
+def end_rows(o: Outcome) -> list[tuple[str, object]]:
+    lost = o.lost()
+    still = sum(1 for g in lost if g.number in o.left.numbers)
+    left = dict(o.left.grants)
+    after = o.watch.after
+    accounted = f"{after:.1f} s" if after is not None else "no: deadline hit"
+    samples = o.watch.consumers
+    connected = sum(samples) / len(samples) / o.args.workers if samples else float("nan")
+    return [
+        ("lost", f"{len(lost)} ({still} still in a queue at the end, {len(lost) - still} nowhere)"),
+        ("grant copies left in queues", left or 0),
+        ("cuts made", o.cuts),
+        ("workers consuming, on average", f"{connected:.0%} of the time"),
+        ("all accounted for after", accounted),
+        ("elapsed", f"{o.elapsed:.1f} s"),
+        (
+            "worker exits",
+            ", ".join(f"{e.returncode}{' (killed)' if e.killed else ''}" for e in o.exits),
+        ),
+        ("worker outcomes", dict(o.logs.outcomes.most_common())),
+        ("acked at attempt", dict(sorted(o.logs.acked_attempts.items()))),
+        ("worker log lines", dict(o.logs.levels.most_common())),
+    ]
+
+
+def report(o: Outcome) -> int:
+    print_figures(plan_rows(o) + delivery_rows(o) + key_rows(o) + end_rows(o))
+    for grant in o.lost()[:10]:
+        where = "still queued" if grant.number in o.left.numbers else "in no queue"
+        print(f"not accounted for: E{grant.number:06d} {grant.event_id} ({where})", file=sys.stderr)
+    return 1 if o.lost() or o.duplicate_keys() or o.hung() else 0
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+async def soak(args: argparse.Namespace, names: Names, log_dir: Path) -> Outcome:
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    print(f"plan seed {seed} (--seed {seed} repeats this plan)", file=sys.stderr)
+    rng = random.Random(seed)
+    grants = make_grants(args, rng, names.namespace)
+    order = publish_order(grants, rng)
+    sandbox, proxy = Sandbox(), Proxy("127.0.0.1", broker_port(AMQP_URL))
+    sandbox.seam.latency = args.seam_latency / 1000
+    broker, workers = Broker(AMQP_URL, names), Workers(log_dir)
+    tally = Tally(grants)
+    faults = Faults(sandbox, proxy, args.cut_every)
+    started = time.monotonic()
+    try:
+        await sandbox.start()
+        await proxy.start()
+        await broker.open()
+        assert broker.channel is not None and broker.connection is not None
+        extra = {
+            "IKW_PREFETCH": str(args.prefetch),
+            "IKW_MAX_ATTEMPTS": str(args.max_attempts),
+            "IKW_MAX_RETRY_AGE": "1d",
+        }
+        amqp = with_port(AMQP_URL, proxy.port)
+        await workers.start(args.workers, worker_env(sandbox.env(), amqp, names, extra))
+        await workers.wait_ready(broker.channel, names.grants, timeout=60)
+        dead_channel = await broker.connection.channel()
+        dead_queue = await dead_channel.get_queue(names.dead)
+        await dead_queue.consume(tally.on_dead_message, no_ack=True)
+        faults.start(args.seam_503, args.twilio_429)
+        publish_started = time.monotonic()
+        await broker.publish_grants((g.event_id, g.body()) for g in order)
+        print(
+            f"published {len(order)} in {time.monotonic() - publish_started:.1f} s", file=sys.stderr
+        )
+        watch = await wait_accounted(tally, sandbox, workers, faults, broker, args.deadline)
+        await faults.stop()
+        await asyncio.sleep(args.settle)
+        exits = await workers.stop()
+        await dead_channel.close()
+        await drain_dead(broker.channel, names, tally)
+        tally.scan(sandbox)
+        left = await census(broker.channel, names, tally)
+    finally:
+        await faults.stop()
+        await workers.stop()
+        await broker.close()
+        await proxy.stop()
+        await sandbox.stop()
+    return Outcome(
+        args,
+        grants,
+        tally,
+        sandbox,
+        watch,
+        time.monotonic() - started,
+        faults.cuts,
+        exits,
+        left,
+        workers.log_summary(),
+    )
+
+
+async def main(args: argparse.Namespace) -> int:
+    names = new_names("ikw_soak")
+    log_dir = Path(tempfile.mkdtemp(prefix=f"{names.namespace}-"))
+    print(f"namespace {names.namespace}, worker logs in {log_dir}", file=sys.stderr)
+    return report(await soak(args, names, log_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(parse_args())))
