@@ -122,15 +122,8 @@ class Consumer:
                 event = parse(message.body, message.content_type)
                 ctx["event"] = event_key(event)
                 outcome = await self._dispatch(event, partial(_held, message))
-            except Abandoned:
-                settled = "abandoned"  # the broker redelivers it; nothing to ack or publish
-            except CredentialsRefused as exc:
-                settled = await asyncio.shield(self._requeue(queue, message))
-                self.on_credentials_refused(exc)
-            except Permanent as exc:
-                settled = await asyncio.shield(self._dead_letter(queue, message, exc.reason, exc))
             except Exception as exc:
-                settled = await asyncio.shield(self._retry(queue, message, exc))
+                settled = await asyncio.shield(self._settle_failure(queue, message, exc))
             else:
                 settled = await asyncio.shield(self._ack(message))
                 ctx.update(_describe(outcome))
@@ -146,6 +139,20 @@ class Consumer:
         finally:
             self.metrics.in_flight.dec()
             self.metrics.seconds.labels(queue).observe(time.monotonic() - started)
+
+    async def _settle_failure(
+        self, queue: str, message: AbstractIncomingMessage, exc: Exception
+    ) -> str:
+        """The one decision for a failed message: requeue, dead-letter or retry, by type."""
+        if isinstance(exc, Abandoned) or not _held(message):
+            return "abandoned"  # the broker redelivers it: publishing a copy would double it
+        if isinstance(exc, CredentialsRefused):
+            settled = await self._requeue(queue, message)
+            self.on_credentials_refused(exc)
+            return settled
+        if isinstance(exc, Permanent):
+            return await self._dead_letter(queue, message, exc.reason, exc)
+        return await self._retry(queue, message, exc)
 
     async def _dispatch(self, event: Event, still_held: Callable[[], bool]) -> Outcome:
         if isinstance(event, AccessGranted):
