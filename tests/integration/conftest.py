@@ -16,6 +16,7 @@ from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.logs import JsonFormatter
 from worker.sandbox.all import Sandbox
+from worker.sandbox.twilio import TwilioSandbox
 from worker.service import Service
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -89,6 +90,14 @@ async def sandbox(log_lines: list[str]) -> AsyncIterator[Sandbox]:
     phones = {i["phone_number"] for i in stand_ins.seam.identities.values() if i["phone_number"]}
     leaked = [line for line in log_lines if any(p in line for p in phones)]
     assert not leaked, f"unmasked phone number in logs: {leaked[:2]}"
+
+
+@pytest.fixture
+async def twilio() -> AsyncIterator[TwilioSandbox]:
+    stand_in = TwilioSandbox()
+    await stand_in.start()
+    yield stand_in
+    await stand_in.stop()
 
 
 @pytest.fixture

@@ -29,14 +29,6 @@ MESSAGE = KeyMessage(
 
 
 @pytest.fixture
-async def twilio() -> AsyncIterator[TwilioSandbox]:
-    stand_in = TwilioSandbox()
-    await stand_in.start()
-    yield stand_in
-    await stand_in.stop()
-
-
-@pytest.fixture
 async def sms(twilio: TwilioSandbox) -> AsyncIterator[SmsChannel]:
     channel = SmsChannel(twilio.account_sid, twilio.auth_token, from_=SENDER, api_url=twilio.url)
     yield channel

@@ -3,7 +3,6 @@ shared/reference/twilio-messages-openapi.json (over loopback: the stand-in is an
 
 import json
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -39,14 +38,6 @@ def reference() -> Json:
         pytest.skip(f"the Twilio reference is not at {REFERENCE}")
     result: Json = json.loads(REFERENCE.read_text())
     return result
-
-
-@pytest.fixture
-async def twilio() -> AsyncIterator[TwilioSandbox]:
-    stand_in = TwilioSandbox()
-    await stand_in.start()
-    yield stand_in
-    await stand_in.stop()
 
 
 def _resolve(schema: Json, reference: Json) -> Json:
