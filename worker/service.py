@@ -121,32 +121,30 @@ class Service:
             self._guard = asyncio.create_task(self._wait_for_credentials(exc))
 
     async def _wait_for_credentials(self, exc: CredentialsRefused | None) -> None:
-        """Pause consuming until every configured service accepts our credentials."""
+        """Consume only while every configured service accepts our credentials."""
         assert self.consumer is not None
         if exc is not None:
             await self.consumer.pause()
-            log.error(
-                "%s refused our credentials: paused taking messages until they work again",
-                exc.service,
-            )
-        delay = 1.0
+        delay, refused = 1.0, False
         while not self.stopping.is_set():
             try:
                 await self._check_credentials()
                 break
-            except CredentialsRefused as refused:
+            except CredentialsRefused as error:
                 log.error(
-                    "%s still refuses our credentials; checking again in %.0f s",
-                    refused.service,
+                    "%s %s our credentials: not taking messages; checking again in %.0f s",
+                    error.service,
+                    "still refuses" if refused else "refused",
                     delay,
                 )
+                refused = True
             try:
                 await asyncio.wait_for(self.stopping.wait(), delay)
             except TimeoutError:
                 delay = min(delay * 2, CHECK_BACKOFF_CAP)
         if not self.stopping.is_set():
             await self.consumer.resume()
-            log.info("consuming" if exc is None else "credentials accepted again: consuming")
+            log.info("credentials accepted again: consuming" if refused else "consuming")
 
     async def _check_credentials(self) -> None:
         """Raise CredentialsRefused if any service refuses us; other failures do not block."""

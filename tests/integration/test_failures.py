@@ -203,13 +203,23 @@ async def test_malformed_input_is_dead_lettered_and_the_worker_keeps_going(
     await wait_for(lambda: sandbox.twilio.outbox, 15, "the valid grant after the bad one")
 
 
-async def test_wrong_seam_key_pauses_without_dead_letters_and_resumes_when_fixed(
-    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names, amqp: Any
+@pytest.mark.parametrize("service_name,secret", [("seam", "api_key"), ("twilio", "auth_token")])
+async def test_refused_credentials_pause_without_dead_letters_and_resume_when_fixed(
+    sandbox: Sandbox,
+    start_worker: StartWorker,
+    publish: Publish,
+    names: Names,
+    amqp: Any,
+    log_lines: list[str],
+    service_name: str,
+    secret: str,
 ) -> None:
     service = await start_worker()
-    real_key = sandbox.seam.api_key
-    sandbox.seam.api_key = "rotated-by-someone"
-    await publish(grant())
+    await wait_for(lambda: service.ready, 10, "the worker to consume")
+    stand_in = getattr(sandbox, service_name)
+    real = getattr(stand_in, secret)
+    setattr(stand_in, secret, "rotated-by-someone")
+    await publish(grant(channels=("sms", "email")))
 
     async def ready() -> int:
         assert service.http is not None
@@ -219,11 +229,13 @@ async def test_wrong_seam_key_pauses_without_dead_letters_and_resumes_when_fixed
 
     await wait_for(lambda: not service.ready, 15, "the worker to report not ready")
     assert await ready() == 503
-    assert sandbox.twilio.outbox == []
+    said = f"{service_name} refused our credentials"
+    await wait_for(lambda: any(said in line for line in log_lines), 5, "one clear log line")
+    assert (sandbox.twilio.outbox, sandbox.smtp.messages) == ([], [])  # no fallback to email
     assert await drain(amqp, names.dead) == []
 
-    sandbox.seam.api_key = real_key
-    await wait_for(lambda: sandbox.twilio.outbox, 30, "delivery once the key works")
+    setattr(stand_in, secret, real)
+    await wait_for(lambda: sandbox.twilio.outbox, 30, "delivery once the credentials work")
     assert await ready() == 200
     assert await drain(amqp, names.dead) == []
 
