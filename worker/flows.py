@@ -4,7 +4,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -45,9 +45,6 @@ class KeyedLocks:
             else:
                 self._locks[name] = (lock, users - 1)
 
-    def __len__(self) -> int:
-        return len(self._locks)
-
 
 @dataclass
 class Outcome:
@@ -58,7 +55,6 @@ class Outcome:
     key_id: str | None = None
     minted: bool = False
     deleted: int = 0
-    details: dict[str, str] = field(default_factory=dict)
 
 
 class Flows:
@@ -103,7 +99,7 @@ class Flows:
     async def revoke(self, event: AccessRevoked) -> Outcome:
         identity = await self._resolve(event.user_identity)
         if identity is None:
-            return Outcome("revoked", details={"note": "identity unknown to Seam"})
+            return Outcome("revoked")  # nothing of theirs exists in Seam
         keys = await self.seam.list_instant_keys(identity.user_identity_id)
         for key in keys:
             await self.seam.delete_instant_key(key.instant_key_id)

@@ -73,10 +73,6 @@ class Consumer:
     def consuming(self) -> bool:
         return bool(self._tags)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
     async def resume(self) -> None:
         for name in self.names.work_queues:
             if name not in self._tags:
