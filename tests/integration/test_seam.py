@@ -1,25 +1,23 @@
 """The Seam client against the Seam stand-in over real sockets, and the stand-in against the
 vendor's reference."""
 
-import json
 import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from tests import reference as reference_file
 from worker.errors import CredentialsRefused, NotFound, SeamRejected, Transient
 from worker.sandbox.http import Served
 from worker.sandbox.seam import SeamSandbox
 from worker.seam import SeamClient
 
-REFERENCE = Path(__file__).parents[2].parent / "shared" / "reference" / "seam-openapi.json"
 REQUEST_ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 GUEST = {
     "user_identity_key": "guest-991",
@@ -379,10 +377,7 @@ async def test_list_identities_pages(http: aiohttp.ClientSession) -> None:
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, Any]:
-    if not REFERENCE.exists():
-        pytest.skip(f"the Seam reference is not at {REFERENCE}")
-    result: dict[str, Any] = json.loads(REFERENCE.read_text())
-    return result
+    return reference_file.load("seam-openapi.json")
 
 
 def _problems(value: Any, schema: dict[str, Any], reference: dict[str, Any], at: str) -> list[str]:

@@ -1,23 +1,19 @@
 """The Twilio stand-in and the SMS channel checked against
 shared/reference/twilio-messages-openapi.json (over loopback: the stand-in is an aiohttp app)."""
 
-import json
 import re
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from tests import reference as reference_file
 from worker.channels import SmsChannel
 from worker.ports import KeyMessage
 from worker.sandbox.twilio import TwilioSandbox
 
-REFERENCE = (
-    Path(__file__).parents[2].parent / "shared" / "reference" / "twilio-messages-openapi.json"
-)
 MESSAGES = "/2010-04-01/Accounts/{AccountSid}/Messages.json"
 SERVICE = "MG" + "ab" * 16
 
@@ -34,17 +30,7 @@ TYPES: dict[str, type | tuple[type, ...]] = {
 
 @pytest.fixture(scope="module")
 def reference() -> Json:
-    if not REFERENCE.exists():
-        pytest.skip(f"the Twilio reference is not at {REFERENCE}")
-    result: Json = json.loads(REFERENCE.read_text())
-    return result
-
-
-def _resolve(schema: Json, reference: Json) -> Json:
-    if "$ref" in schema:
-        resolved: Json = reference["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
-        return resolved
-    return schema
+    return reference_file.load("twilio-messages-openapi.json")
 
 
 def _operation(reference: Json) -> Json:
@@ -59,7 +45,7 @@ def _request_schema(reference: Json) -> Json:
 
 
 def _check_value(name: str, value: Any, schema: Json, reference: Json) -> None:
-    schema = _resolve(schema, reference)
+    schema = reference_file.resolve(schema, reference)
     if value is None:
         assert schema.get("nullable"), f"{name} is null but not nullable"
         return

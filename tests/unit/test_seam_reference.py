@@ -3,17 +3,16 @@ calls and sends must exist there, and it must read answers holding only the requ
 
 import json
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from multidict import CIMultiDict
 
+from tests import reference as reference_file
 from worker.ports import InstantKey, Seam, UserIdentity
 from worker.seam import SeamClient
 
-REFERENCE = Path(__file__).parents[2].parent / "shared" / "reference" / "seam-openapi.json"
 ID = "3f2b8c1e-7d4a-4c9b-8e6f-1a2b3c4d5e6f"
 SAMPLES = {
     "uuid": ID,
@@ -27,22 +26,12 @@ Json = dict[str, Any]
 
 @pytest.fixture(scope="module")
 def reference() -> Json:
-    if not REFERENCE.exists():
-        pytest.skip(f"the Seam reference is not at {REFERENCE}")
-    result: Json = json.loads(REFERENCE.read_text())
-    return result
-
-
-def _resolve(schema: Json, reference: Json) -> Json:
-    if "$ref" in schema:
-        resolved: Json = reference["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
-        return resolved
-    return schema
+    return reference_file.load("seam-openapi.json")
 
 
 def _example(schema: Json, reference: Json) -> Any:
     """The leanest value the schema allows: required properties only, nullable ones null."""
-    schema = _resolve(schema, reference)
+    schema = reference_file.resolve(schema, reference)
     if "oneOf" in schema:
         return _example(schema["oneOf"][0], reference)
     if schema.get("nullable"):
