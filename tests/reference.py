@@ -1,21 +1,16 @@
-"""The vendors' OpenAPI extracts in ../shared/reference/, for tests that check against them."""
+"""The vendors' OpenAPI extracts kept in reference/ (see its README for where they came from)."""
 
 import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 Json = dict[str, Any]
-FOLDER = Path(__file__).parents[1].parent / "shared" / "reference"
+FOLDER = Path(__file__).parents[1] / "reference"
 
 
 def load(name: str) -> Json:
-    """The parsed file; the test is skipped, saying where it looked, when it is absent."""
-    path = FOLDER / name
-    if not path.exists():
-        pytest.skip(f"the vendor reference is not at {path}")
-    result: Json = json.loads(path.read_text())
+    """The parsed file: it ships with the repository, so a missing one is an error."""
+    result: Json = json.loads((FOLDER / name).read_text())
     return result
 
 
