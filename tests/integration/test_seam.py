@@ -372,7 +372,7 @@ async def test_list_identities_pages(http: aiohttp.ClientSession) -> None:
     }
 
 
-# The stand-in against shared/reference/seam-openapi.json.
+# The stand-in against reference/seam-openapi.json.
 
 
 @pytest.fixture(scope="module")

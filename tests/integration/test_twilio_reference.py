@@ -1,5 +1,5 @@
 """The Twilio stand-in and the SMS channel checked against
-shared/reference/twilio-messages-openapi.json (over loopback: the stand-in is an aiohttp app)."""
+reference/twilio-messages-openapi.json (over loopback: the stand-in is an aiohttp app)."""
 
 import re
 from datetime import UTC, datetime

@@ -1,4 +1,4 @@
-"""The Seam client checked against shared/reference/seam-openapi.json, without a network: what it
+"""The Seam client checked against reference/seam-openapi.json, without a network: what it
 calls and sends must exist there, and it must read answers holding only the required properties."""
 
 import json

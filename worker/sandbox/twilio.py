@@ -1,5 +1,5 @@
 """Twilio Messages API stand-in: the paths, Basic auth, form fields, 201 body and error bodies of
-the real service (shared/reference/twilio-messages-openapi.json), with failures on demand."""
+the real service (reference/twilio-messages-openapi.json), with failures on demand."""
 
 import asyncio
 import base64
