@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from worker import config
 from worker.broker import topology
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
@@ -294,7 +295,9 @@ class Broker:
         )
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         await topology.declare(self.channel, self.names)
-        self.publisher = Publisher(self.channel, self.names)
+        self.publisher = Publisher(
+            self.channel, self.names, config.Settings(amqp_url=self.url).broker_user
+        )
 
     async def publish_grants(
         self, bodies: Iterable[tuple[str, bytes]], *, rate: float = 0.0, concurrency: int = 100

@@ -120,7 +120,9 @@ async def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "topology":
             return await _topology(args, channel, names)
         body, routing_key, event_id = grant_or_revoke(args)
-        await Publisher(channel, names).publish_event(routing_key, body, event_id)
+        await Publisher(channel, names, settings.broker_user).publish_event(
+            routing_key, body, event_id
+        )
         print(f"published {routing_key} {event_id} to exchange {names.exchange}")
         return 0
 

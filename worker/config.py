@@ -3,10 +3,11 @@
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal, cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 
 class ConfigError(Exception):
@@ -16,13 +17,10 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class SmsSettings:
     account_sid: str
-    auth_token: str = ""
+    auth_token: str = field(default="", repr=False)
     from_: str | None = None
     messaging_service_sid: str | None = None
     api_url: str = "https://api.twilio.com"
-
-    def __repr__(self) -> str:
-        return f"SmsSettings(account_sid={self.account_sid!r}, api_url={self.api_url!r})"
 
 
 @dataclass(frozen=True)
@@ -31,44 +29,50 @@ class EmailSettings:
     port: int
     sender: str
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: Literal["none", "starttls", "tls"] = "starttls"
 
-    def __repr__(self) -> str:
-        return f"EmailSettings(host={self.host!r}, port={self.port}, tls={self.tls!r})"
+
+# broker user -> the user_identity_key prefixes it may name (None: any identity)
+Publishers = dict[str, tuple[str, ...] | None]
 
 
 @dataclass(frozen=True)
 class Settings:
-    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    # Secrets are left out of repr, so a logged or printed Settings never shows them.
+    amqp_url: str = field(default="amqp://guest:guest@localhost:5672/", repr=False)
     namespace: str = "instant_keys"
     prefetch: int = 32
     seam_endpoint: str = "https://connect.getseam.com"
-    seam_api_key: str = ""
+    seam_api_key: str = field(default="", repr=False)
     sms: SmsSettings | None = None
     email: EmailSettings | None = None
     http_port: int = 8080
-    min_key_lifetime: float = 3600.0
+    min_key_lifetime: timedelta = timedelta(hours=1)
     max_attempts: int = 10
-    max_retry_age: float = 86400.0
-    shutdown_grace: float = 30.0
+    max_retry_age: timedelta = timedelta(days=1)
+    shutdown_grace: timedelta = timedelta(seconds=30)
+    message_deadline: timedelta = timedelta(minutes=2)
+    trusted_publishers: Publishers = field(default_factory=dict)
+    revoke_retention: timedelta = timedelta(days=30)
+    declare: bool = True
 
-    def __repr__(self) -> str:
-        return (
-            f"Settings(namespace={self.namespace!r}, seam_endpoint={self.seam_endpoint!r}, "
-            f"sms={self.sms!r}, email={self.email!r})"
-        )
+    @property
+    def broker_user(self) -> str:
+        """The user the broker knows the worker as: what it puts in every message's user_id."""
+        return unquote(urlsplit(self.amqp_url).username or "guest")
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 DURATION_HINT = "a duration such as 90, 90s, 15m, 2h or 1d"
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
-def parse_duration(raw: str) -> float | None:
-    """Seconds, or None when ``raw`` is not a duration."""
+def parse_duration(raw: str) -> timedelta | None:
+    """The duration, or None when ``raw`` is not one."""
     match = _DURATION.match(raw)
-    return float(match[1]) * _UNITS[match[2]] if match else None
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2]]) if match else None
 
 
 SECRETS = ("SEAM_API_KEY", "TWILIO_AUTH_TOKEN", "SMTP_PASSWORD", "AMQP_URL")
@@ -101,15 +105,24 @@ class _Reader:
             return default
         return int(raw)
 
-    def duration(self, name: str, default: float) -> float:
+    def duration(self, name: str, default: timedelta) -> timedelta:
         raw = self.text(name)
         if raw is None:
             return default
-        seconds = parse_duration(raw)
-        if seconds is None:
+        value = parse_duration(raw)
+        if value is None:
             self.problems.append(f"{name}: must be {DURATION_HINT}, got {raw!r}")
             return default
-        return seconds
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        if raw.lower() not in _FLAGS:
+            self.problems.append(f"{name}: must be true or false, got {raw[:40]!r}")
+            return default
+        return _FLAGS[raw.lower()]
 
     def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
         raw = self.text(name, default) or default
@@ -145,7 +158,18 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         max_attempts=r.integer("IKW_MAX_ATTEMPTS", Settings.max_attempts, 1, 1000),
         max_retry_age=r.duration("IKW_MAX_RETRY_AGE", Settings.max_retry_age),
         shutdown_grace=r.duration("IKW_SHUTDOWN_GRACE", Settings.shutdown_grace),
+        message_deadline=r.duration("IKW_MESSAGE_DEADLINE", Settings.message_deadline),
+        trusted_publishers=_publishers(r),
+        revoke_retention=r.duration("IKW_REVOKE_RETENTION", Settings.revoke_retention),
+        declare=r.flag("IKW_DECLARE", Settings.declare),
     )
+    if settings.revoke_retention < settings.max_retry_age:
+        r.problems.append(
+            "IKW_REVOKE_RETENTION: must be at least IKW_MAX_RETRY_AGE, so a revoke is remembered "
+            "as long as an older grant may still be retried"
+        )
+    if settings.message_deadline < timedelta(seconds=1):
+        r.problems.append("IKW_MESSAGE_DEADLINE: must be at least 1s")
     if not r.problems and settings.sms is None and settings.email is None:
         r.problems.append(
             "TWILIO_ACCOUNT_SID / SMTP_HOST: no delivery channel is configured; set the "
@@ -154,6 +178,34 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     if r.problems:
         raise ConfigError("\n".join(r.problems))
     return settings
+
+
+_USER = re.compile(r"[^\s,:]{1,128}")
+
+
+def _publishers(r: _Reader) -> Publishers:
+    """``name`` trusts a broker user for any identity; ``name:prefix`` for user_identity_keys
+    starting with prefix only (repeat the entry for several prefixes)."""
+    anything: set[str] = set()
+    scoped: dict[str, list[str]] = {}
+    for entry in filter(
+        None, (e.strip() for e in (r.text("IKW_TRUSTED_PUBLISHERS") or "").split(","))
+    ):
+        name, colon, prefix = (part.strip() for part in entry.partition(":"))
+        if not _USER.fullmatch(name) or (colon and not prefix):
+            r.problems.append(
+                "IKW_TRUSTED_PUBLISHERS: use comma-separated broker users, each `name` or "
+                f"`name:prefix`, got {entry[:60]!r}"
+            )
+        elif colon:
+            scoped.setdefault(name, []).append(prefix)
+        else:
+            anything.add(name)
+    for name in anything & scoped.keys():
+        r.problems.append(
+            f"IKW_TRUSTED_PUBLISHERS: {name!r} is listed both with and without a prefix"
+        )
+    return dict.fromkeys(anything) | {name: tuple(p) for name, p in scoped.items()}
 
 
 def _namespace(r: _Reader) -> str:

@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from worker.broker.topology import Names
 from worker.events import AccessGranted, AccessRevoked, Model
+from worker.queues import Names
 
 PUBLIC: dict[str, type[Model]] = {
     "access.granted.v1": AccessGranted,

@@ -66,7 +66,7 @@ async def demo(key_lifetime: float) -> int:
         await wait_for(lambda: service.ready, 10, "the worker to be ready")
         print(f"worker up on namespace {names.namespace}, consuming {names.grants}")
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        publisher = Publisher(channel, names)
+        publisher = Publisher(channel, names, config.Settings(amqp_url=amqp_url).broker_user)
         for guest in GUESTS:
             await publisher.publish_event("access.granted", grant(*guest), str(uuid.uuid4()))
             print(f"published access.granted for {guest[0]}")

@@ -16,8 +16,9 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from worker import config
+from worker.broker import headers
 from worker.broker.connect import BROKER_ERRORS, connect
-from worker.broker.publisher import Publisher, clean_headers
+from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.config import DURATION_HINT, parse_duration
 
@@ -26,7 +27,6 @@ DEFAULT_LIMIT = 100
 ERROR_WIDTH = 160
 BODY_CHARS = 4000
 SHOWN_FAILURES = 20
-KEPT_HEADERS = ("x-ikw-routing-key",)  # where the event was first published: not bookkeeping
 BROKER_REASONS = {
     "delivery_limit": "redelivered past the queue's x-delivery-limit, never acked (crash loop?)",
     "rejected": "rejected without requeue",
@@ -65,21 +65,20 @@ def letter_id(message: AbstractIncomingMessage) -> str:
     return message.message_id or hashlib.sha256(message.body).hexdigest()[:12]
 
 
-def describe(message: AbstractIncomingMessage) -> DeadLetter:
-    headers = message.headers or {}
-    if "x-ikw-reason" in headers:
-        reason = _text(headers["x-ikw-reason"])
-        source = _text(headers.get("x-ikw-source-queue"))
-        dead_at = _when(headers.get("x-ikw-dead-lettered-at"))
-        error = _text(headers.get("x-ikw-error"))
-        attempts = headers.get("x-ikw-attempts")
+def describe(message: AbstractIncomingMessage, worker: str) -> DeadLetter:
+    """What the dead letter says; our headers count only on one the worker wrote."""
+    raw = message.headers or {}
+    book = headers.read(raw) if message.user_id == worker else headers.Bookkeeping()
+    if book.reason:
+        reason, source = book.reason, book.source_queue or ""
+        dead_at, error, attempts = book.dead_lettered_at, book.error or "", book.attempts
     else:
-        death = _broker_death(headers)
+        death = _broker_death(raw)
         reason = _text(death.get("reason")) or "unknown"
         source = _text(death.get("queue"))
-        dead_at = _when(death.get("time"))
-        error = _broker_error(reason, headers)
-        attempts = headers.get("x-ikw-attempt", 1)
+        dead_at = headers.moment(death.get("time"))
+        error = _broker_error(reason, book)
+        attempts = book.attempt
     return DeadLetter(
         message=message,
         id=_printable(letter_id(message)),
@@ -102,10 +101,9 @@ def _broker_death(headers: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _broker_error(reason: str, headers: Mapping[str, Any]) -> str:
+def _broker_error(reason: str, book: headers.Bookkeeping) -> str:
     text = "dead-lettered by RabbitMQ: " + BROKER_REASONS.get(reason, reason)
-    last = headers.get("x-ikw-last-error")
-    return f"{text}; last error: {_text(last)}" if last else text
+    return f"{text}; last error: {book.last_error}" if book.last_error else text
 
 
 def _text(value: object) -> str:
@@ -124,16 +122,6 @@ def _one_line(text: str, width: int = ERROR_WIDTH) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def _when(value: object) -> datetime | None:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    try:
-        moment = datetime.fromisoformat(_text(value))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _stamp(moment: datetime | None) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if moment else "-"
 
@@ -143,7 +131,7 @@ def _stamp(moment: datetime | None) -> str:
 
 @asynccontextmanager
 async def holding(
-    connection: AbstractRobustConnection, names: Names
+    connection: AbstractRobustConnection, names: Names, worker: str
 ) -> AsyncIterator[list[DeadLetter]]:
     """Every dead letter, held unacked on one channel; closing it returns those not acked.
 
@@ -153,18 +141,22 @@ async def holding(
     """
     channel = await connection.channel()
     try:
-        yield await _read_all(channel, names)
+        yield await _read_all(channel, names, worker)
     finally:
         if not channel.is_closed:
             await channel.close()
 
 
-async def snapshot(connection: AbstractRobustConnection, names: Names) -> list[DeadLetter]:
-    async with holding(connection, names) as letters:
+async def snapshot(
+    connection: AbstractRobustConnection, names: Names, worker: str
+) -> list[DeadLetter]:
+    async with holding(connection, names, worker) as letters:
         return letters
 
 
-async def _read_all(channel: aio_pika.abc.AbstractChannel, names: Names) -> list[DeadLetter]:
+async def _read_all(
+    channel: aio_pika.abc.AbstractChannel, names: Names, worker: str
+) -> list[DeadLetter]:
     try:
         queue = await channel.get_queue(names.dead, ensure=True)
     except aio_pika.exceptions.ChannelClosed:
@@ -178,7 +170,7 @@ async def _read_all(channel: aio_pika.abc.AbstractChannel, names: Names) -> list
         message = await queue.get(no_ack=False, fail=False)
         if message is None:
             break
-        letters.append(describe(message))
+        letters.append(describe(message, worker))
     return letters
 
 
@@ -224,7 +216,7 @@ def by_reason(letters: Iterable[DeadLetter]) -> list[str]:
 async def _list(
     args: argparse.Namespace, connection: AbstractRobustConnection, names: Names
 ) -> int:
-    letters = await snapshot(connection, names)
+    letters = await snapshot(connection, names, args.broker_user)
     chosen = newest_first(
         select(letters, reason=args.reason, older_than=args.older_than, newer_than=args.newer_than)
     )
@@ -265,7 +257,9 @@ def _table(letters: list[DeadLetter]) -> str:
 async def _show(
     args: argparse.Namespace, connection: AbstractRobustConnection, names: Names
 ) -> int:
-    matches = newest_first(select(await snapshot(connection, names), ids=[args.id]))
+    matches = newest_first(
+        select(await snapshot(connection, names, args.broker_user), ids=[args.id])
+    )
     if not matches:
         raise DlqError(f"no dead letter with id {args.id} in {names.dead}")
     for number, letter in enumerate(matches, 1):
@@ -358,7 +352,7 @@ async def confirm(
     """Ask first, holding nothing while the operator reads; None when not confirmed."""
     if args.yes:
         return Confirmed(None)
-    chosen = _selection(args, await snapshot(connection, names))
+    chosen = _selection(args, await snapshot(connection, names, args.broker_user))
     if not chosen:
         return Confirmed([])
     print(f"{verb} {dead_letters(len(chosen))} from {names.dead}:")
@@ -403,12 +397,12 @@ async def _replay(
     confirmed = await confirm(args, connection, names, "replay")
     if confirmed is None:
         return 1
-    async with holding(connection, names) as letters:
+    async with holding(connection, names, args.broker_user) as letters:
         missing = sorted(set(args.ids) - {letter.id for letter in letters})
         chosen = confirmed.take(_selection(args, letters))
         # Oldest first, so the work queue sees them roughly in their first order.
         chosen = newest_first(chosen)[::-1]
-        failures = await republish(connection, names, chosen)
+        failures = await republish(connection, names, chosen, args.broker_user)
     for line in [f"no dead letter with id {i}" for i in missing] + failures[:SHOWN_FAILURES]:
         print(f"failed: {line}")
     if len(failures) > SHOWN_FAILURES:
@@ -418,13 +412,15 @@ async def _replay(
 
 
 async def republish(
-    connection: AbstractRobustConnection, names: Names, letters: list[DeadLetter]
+    connection: AbstractRobustConnection, names: Names, letters: list[DeadLetter], user: str
 ) -> list[str]:
-    """Each back on its work queue, acked in the dead queue once the broker confirmed it."""
+    """Each back on its work queue, acked in the dead queue once the broker confirmed it.
+    Published as ``user``, the worker's own: only then does the worker keep the original
+    producer the dead letter names, so a replay is trusted exactly as the original was."""
     if not letters:
         return []
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    publisher = Publisher(channel, names)
+    publisher = Publisher(channel, names, user)
     failures: list[str] = []
     done = 0
     try:
@@ -467,7 +463,7 @@ async def _replay_one(publisher: Publisher, letter: DeadLetter) -> str | None:
         await publisher.to_queue(
             letter.source,
             message.body,
-            headers=replay_headers(message.headers or {}),
+            headers=headers.for_replay(message.headers, message.user_id, publisher.user_id or ""),
             message_id=message.message_id,
             content_type=message.content_type,
         )
@@ -480,28 +476,13 @@ async def _replay_one(publisher: Publisher, letter: DeadLetter) -> str | None:
     return None
 
 
-def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """The producer's headers, without failure bookkeeping: the replay starts at attempt 1."""
-    kept = {
-        key: value
-        for key, value in clean_headers(headers).items()
-        if not key.startswith("x-ikw-") or key in KEPT_HEADERS
-    }
-    deaths = headers.get("x-death")
-    if "x-ikw-routing-key" not in kept and isinstance(deaths, list) and deaths:
-        keys = deaths[-1].get("routing-keys") if isinstance(deaths[-1], dict) else None
-        if isinstance(keys, list) and keys:
-            kept["x-ikw-routing-key"] = _text(keys[0])
-    return kept
-
-
 async def _purge(
     args: argparse.Namespace, connection: AbstractRobustConnection, names: Names
 ) -> int:
     confirmed = await confirm(args, connection, names, "purge")
     if confirmed is None:
         return 1
-    async with holding(connection, names) as letters:
+    async with holding(connection, names, args.broker_user) as letters:
         chosen = confirmed.take(_selection(args, letters))
         purged = 0
         try:
@@ -520,10 +501,10 @@ async def _purge(
 
 
 def duration(raw: str) -> timedelta:
-    seconds = parse_duration(raw)
-    if seconds is None:
+    value = parse_duration(raw)
+    if value is None:
         raise argparse.ArgumentTypeError(f"use {DURATION_HINT}: {raw!r}")
-    return timedelta(seconds=seconds)
+    return value
 
 
 def add_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -560,6 +541,7 @@ COMMANDS: dict[str, Command] = {"list": _list, "show": _show, "replay": _replay,
 async def run(args: argparse.Namespace) -> int:
     settings = config.broker_settings()
     names = Names(settings.namespace)
+    args.broker_user = settings.broker_user
     connection = await connect(settings.amqp_url, "ikw-dlq")
     try:
         async with connection:

@@ -17,6 +17,7 @@ from pydantic import (
 from worker.errors import InvalidEvent
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_USE_COUNT = 10_000
 E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
 
 
@@ -27,6 +28,8 @@ def _not_blank(value: str) -> str:
 
 
 Text = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_not_blank)]
+# What the guest reads of it is cleaned at delivery (worker/guest_name.py); unusable is no name.
+Name = Annotated[str, Field(max_length=255)]
 Phone = Annotated[str, Field(pattern=E164_PATTERN, description="E.164, e.g. +14155550100")]
 
 
@@ -70,7 +73,7 @@ class IdentityRef(Model):
 
 
 class GuestIdentity(IdentityRef):
-    full_name: Text | None = None
+    full_name: Name | None = None
     email_address: EmailStr | None = None
     phone_number: Phone | None = None
 
@@ -82,7 +85,7 @@ class Delivery(Model):
 
 class KeyOptions(Model):
     customization_profile_id: Text | None = None
-    max_use_count: Annotated[int, Field(ge=1)] = 1
+    max_use_count: Annotated[int, Field(ge=1, le=MAX_USE_COUNT)] = 1
 
 
 class EventBase(Model):
@@ -129,18 +132,23 @@ MODELS: dict[tuple[str, int], type[Model]] = {
 }
 
 
-def parse(body: bytes, content_type: str | None) -> Event:
+def parse(body: bytes, content_type: str | None, content_encoding: str | None = None) -> Event:
     """Validate a message body; raises InvalidEvent with a specific reason and no field values."""
     if len(body) > MAX_BODY_BYTES:
         raise InvalidEvent(f"body is {len(body)} bytes, over {MAX_BODY_BYTES}", reason="too_large")
-    if content_type not in (None, "", "application/json"):
+    if (content_encoding or "identity").strip().lower() != "identity":
         raise InvalidEvent(
-            f"content_type {content_type[:60]!r} is not application/json",
+            f"content_encoding {str(content_encoding)[:40]!r} is not supported; publish plain JSON",
+            reason="unsupported_encoding",
+        )
+    if not _is_json(content_type):
+        raise InvalidEvent(
+            f"content_type {str(content_type)[:60]!r} is not application/json (UTF-8)",
             reason="wrong_content_type",
         )
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidEvent(
             f"body is not JSON: {exc.__class__.__name__}", reason="malformed_json"
         ) from None
@@ -158,6 +166,18 @@ def parse(body: bytes, content_type: str | None) -> Event:
         raise InvalidEvent(describe(exc), reason=_reason(exc)) from None
     assert isinstance(event, AccessGranted | AccessRevoked | KeyCleanup)
     return event
+
+
+def _is_json(content_type: str | None) -> bool:
+    """``application/json``, with parameters allowed (``; charset=utf-8``), or none given."""
+    if not content_type:
+        return True
+    media, *parameters = (part.strip().lower() for part in content_type.split(";"))
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip() == "charset" and value.strip().strip('"') not in ("utf-8", "utf8"):
+            return False
+    return media == "application/json"
 
 
 def describe(exc: ValidationError) -> str:

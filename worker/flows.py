@@ -2,27 +2,31 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from enum import StrEnum
 
-from worker.errors import Abandoned, ChannelRefused, Permanent, SeamRejected
+from worker.errors import Abandoned, ChannelRefused, Permanent, SeamRejected, Transient
 from worker.events import AccessGranted, AccessRevoked, IdentityRef, KeyCleanup
 from worker.logs import mask_email, mask_phone
-from worker.ports import Channel, InstantKey, KeyMessage, Seam, UserIdentity
+from worker.ports import Channel, Fence, InstantKey, KeyMessage, Scheduler, Seam, UserIdentity
 
 log = logging.getLogger("worker.flows")
 
-
-class Scheduler(Protocol):
-    async def schedule_cleanup(self, key: InstantKey) -> None:
-        """Durably schedule the key's deletion at its expires_at (confirmed by the broker)."""
+# Seam calls in flight at once when one message deletes or schedules many keys.
+PARALLEL_CALLS = 8
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def identity_names(user_identity_id: str | None, user_identity_key: str | None) -> list[str]:
+    """How the fence names an identity: by its key and by its id, whichever are known."""
+    names = [f"key:{user_identity_key}"] if user_identity_key else []
+    return names + ([f"id:{user_identity_id}"] if user_identity_id else [])
 
 
 class KeyedLocks:
@@ -46,15 +50,24 @@ class KeyedLocks:
                 self._locks[name] = (lock, users - 1)
 
 
+class Action(StrEnum):
+    GRANTED = "granted"
+    FENCED = "fenced"  # the grant occurred before a revoke of its identity: nothing delivered
+    REVOKED = "revoked"
+    CLEANED_UP = "cleaned_up"
+    CLEANUP_RESCHEDULED = "cleanup_rescheduled"
+
+
 @dataclass
 class Outcome:
     """What a handled event did, for logs and metrics."""
 
-    action: str
+    action: Action
     channel: str | None = None
     key_id: str | None = None
     minted: bool = False
     deleted: int = 0
+    provider_message_id: str | None = None
 
 
 class Flows:
@@ -63,14 +76,18 @@ class Flows:
         seam: Seam,
         channels: Mapping[str, Channel],
         scheduler: Scheduler,
+        fence: Fence,
         *,
         min_key_lifetime: timedelta,
+        revoke_retention: timedelta = timedelta(days=30),
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.seam = seam
         self.channels = channels
         self.scheduler = scheduler
+        self.fence = fence
         self.min_key_lifetime = min_key_lifetime
+        self.revoke_retention = revoke_retention
         self.clock = clock
         self.locks = KeyedLocks()
 
@@ -80,116 +97,190 @@ class Flows:
         """``still_held`` says whether the message is still ours to ack; when it is not, another
         delivery of it will do the work, so nothing is sent."""
         guest = event.user_identity
+        if self.clock() - event.occurred_at > self.revoke_retention:
+            raise Permanent(
+                "the grant occurred longer ago than IKW_REVOKE_RETENTION: a revoke of it could "
+                "no longer be seen",
+                reason="stale_grant",
+            )
+        await self.fence.wait_caught_up()
+        names = identity_names(guest.user_identity_id, guest.user_identity_key)
+        if self._fenced(event, names):
+            return Outcome(Action.FENCED)
+        # The whole grant holds the identity's lock: a revoke handled by this process waits for
+        # it, and is never overtaken by it.
         async with self.locks.hold(guest.lock_key):
-            identity = await self._resolve_or_create(event)
-            key, minted = await self._fetch_or_create_key(identity.user_identity_id, event)
-        # Scheduled before delivery, so a key whose delivery fails for good is still deleted.
-        await self.scheduler.schedule_cleanup(key)
-        message = KeyMessage(
-            full_name=guest.full_name or identity.full_name,
-            phone_number=guest.phone_number or identity.phone_number,
-            email_address=guest.email_address or identity.email_address,
-            locale=event.delivery.locale,
-            expires_at=key.expires_at,
-            url=key.instant_key_url,
+            identity, created = await self._resolve_or_create(event)
+            names += identity_names(identity.user_identity_id, identity.user_identity_key)
+            if self._fenced(event, names):
+                return Outcome(Action.FENCED)
+            key, minted = await self._fetch_or_create_key(identity.user_identity_id, event, created)
+            # A revoke another replica recorded while we minted is seen now, before delivery.
+            if self._fenced(event, names):
+                if minted:
+                    await self.seam.delete_instant_key(key.instant_key_id)
+                return Outcome(
+                    Action.FENCED, key_id=key.instant_key_id, minted=minted, deleted=int(minted)
+                )
+            message = KeyMessage(
+                full_name=guest.full_name or identity.full_name,
+                phone_number=guest.phone_number or identity.phone_number,
+                email_address=guest.email_address or identity.email_address,
+                locale=event.delivery.locale,
+                expires_at=key.expires_at,
+                url=key.instant_key_url,
+            )
+            channel, sent_id = await self._deliver(message, event.delivery.channels, still_held)
+        return Outcome(
+            Action.GRANTED,
+            channel=channel,
+            key_id=key.instant_key_id,
+            minted=minted,
+            provider_message_id=sent_id,
         )
-        channel = await self._deliver(message, event.delivery.channels, still_held)
-        return Outcome("granted", channel=channel, key_id=key.instant_key_id, minted=minted)
 
     async def revoke(self, event: AccessRevoked) -> Outcome:
-        identity = await self._resolve(event.user_identity)
-        if identity is None:
-            return Outcome("revoked")  # nothing of theirs exists in Seam
-        keys = await self.seam.list_instant_keys(identity.user_identity_id)
-        for key in keys:
-            await self.seam.delete_instant_key(key.instant_key_id)
-        return Outcome("revoked", deleted=len(keys))
+        ref = event.user_identity
+        async with self.locks.hold(ref.lock_key):
+            identity = await self._resolve(ref)
+            names = identity_names(ref.user_identity_id, ref.user_identity_key)
+            if identity is not None:
+                names += identity_names(identity.user_identity_id, identity.user_identity_key)
+            # Remembered first: a grant that mints after our listing below still sees it.
+            await self.fence.record(names, event.occurred_at)
+            if identity is None:
+                return Outcome(Action.REVOKED)  # nothing of theirs exists in Seam
+            keys = await self.seam.list_instant_keys(identity.user_identity_id)
+            await self._each(keys, lambda key: self.seam.delete_instant_key(key.instant_key_id))
+        return Outcome(Action.REVOKED, deleted=len(keys))
 
     async def cleanup(self, event: KeyCleanup) -> Outcome:
         early = event.expires_at - self.clock()
         if early > timedelta(seconds=1):
             # Came due early (clock skew, a replay): wait out the rest in the delay queues.
             await self.scheduler.schedule_cleanup(
-                InstantKey(
-                    instant_key_id=event.instant_key_id,
-                    user_identity_id=event.user_identity_id,
-                    created_at=event.expires_at,
-                    expires_at=event.expires_at,
-                    instant_key_url="",
-                )
+                event.instant_key_id, event.user_identity_id, event.expires_at
             )
-            return Outcome("cleanup_rescheduled", key_id=event.instant_key_id)
+            return Outcome(Action.CLEANUP_RESCHEDULED, key_id=event.instant_key_id)
+        key = await self.seam.get_instant_key(event.instant_key_id)
+        if key is None:
+            return Outcome(Action.CLEANED_UP, key_id=event.instant_key_id)  # already gone
+        if key.user_identity_id != event.user_identity_id:
+            raise Permanent(
+                "the key belongs to another identity than the cleanup names",
+                reason="key_identity_mismatch",
+            )
         await self.seam.delete_instant_key(event.instant_key_id)
-        return Outcome("cleaned_up", key_id=event.instant_key_id, deleted=1)
+        return Outcome(Action.CLEANED_UP, key_id=event.instant_key_id, deleted=1)
+
+    def _fenced(self, event: AccessGranted, names: Iterable[str]) -> bool:
+        revoked = self.fence.revoked_at(names)
+        return revoked is not None and event.occurred_at <= revoked
 
     async def _resolve(self, ref: IdentityRef) -> UserIdentity | None:
         if ref.user_identity_id:
             return await self.seam.get_user_identity(user_identity_id=ref.user_identity_id)
         return await self.seam.get_user_identity(user_identity_key=ref.user_identity_key)
 
-    async def _resolve_or_create(self, event: AccessGranted) -> UserIdentity:
+    async def _resolve_or_create(self, event: AccessGranted) -> tuple[UserIdentity, bool]:
+        """The identity, and whether we just created it (then it has no keys yet)."""
         guest = event.user_identity
         identity = await self._resolve(guest)
         if identity is not None:
-            return identity
+            return identity, False
         if guest.user_identity_id and not guest.user_identity_key:
             raise Permanent("user_identity_id is unknown to Seam", reason="identity_not_found")
+        contacts = {"email_address": guest.email_address, "phone_number": guest.phone_number}
         try:
-            identity = await self.seam.create_user_identity(
-                user_identity_key=guest.user_identity_key,
-                full_name=guest.full_name,
-                email_address=guest.email_address,
-                phone_number=guest.phone_number,
-            )
-        except SeamRejected:
+            identity = await self._create(event, **contacts)
+        except SeamRejected as exc:
             # Another replica may have created it between our get and create.
             identity = await self.seam.get_user_identity(user_identity_key=guest.user_identity_key)
-            if identity is None:
+            if identity is not None:
+                return identity, False
+            if not any(contacts.values()):
                 raise
+            # Seam keeps email addresses and phone numbers unique across identities: a returning
+            # guest booked under a new key is created without them. The key still goes to the
+            # event's contacts.
+            log.info(
+                "creating the identity without its contacts, which Seam refused",
+                extra={"ctx": {"event_id": event.event_id, "seam_error": exc.error_type}},
+            )
+            identity = await self._create(event, email_address=None, phone_number=None)
+        return identity, True
+
+    async def _create(
+        self, event: AccessGranted, *, email_address: str | None, phone_number: str | None
+    ) -> UserIdentity:
+        guest = event.user_identity
+        identity = await self.seam.create_user_identity(
+            user_identity_key=guest.user_identity_key,
+            full_name=guest.full_name,
+            email_address=email_address,
+            phone_number=phone_number,
+        )
         log.info(
             "created user identity",
             extra={
                 "ctx": {
                     "event_id": event.event_id,
                     "user_identity_id": identity.user_identity_id,
-                    "phone": mask_phone(guest.phone_number),
-                    "email": mask_email(guest.email_address),
+                    "phone": mask_phone(phone_number),
+                    "email": mask_email(email_address),
                 }
             },
         )
         return identity
 
     async def _fetch_or_create_key(
-        self, user_identity_id: str, event: AccessGranted
+        self, user_identity_id: str, event: AccessGranted, created: bool
     ) -> tuple[InstantKey, bool]:
-        usable = self._usable(await self.seam.list_instant_keys(user_identity_id))
-        if len(usable) == 1:
-            return usable[0], False
+        """The key to deliver, and whether we minted it. Every key this returns or leaves in
+        Seam has a confirmed cleanup timer."""
+        # An identity we have just created has no keys: no need to ask.
+        before = [] if created else await self.seam.list_instant_keys(user_identity_id)
+        usable = self._usable(before)
         if usable:
-            return await self._converge(usable), False
-        await self.seam.generate_instant_key(
+            kept = await self._converge(usable)
+            await self._schedule([k for k in before if k not in usable] + [kept])
+            return kept, False
+        minted = await self.seam.generate_instant_key(
             user_identity_id,
             customization_profile_id=event.instant_key.customization_profile_id,
             max_use_count=event.instant_key.max_use_count,
         )
-        # Another replica may have minted one at the same time: list again and converge.
-        usable = self._usable(await self.seam.list_instant_keys(user_identity_id))
-        if not usable:
-            raise Permanent(
-                "the key Seam generated is already too close to expiry",
-                reason="key_lifetime_too_short",
-            )
-        return await self._converge(usable), True
+        # Scheduled at once, whatever its lifetime: no minted key is ever left without one.
+        await self._schedule([minted, *before])
+        # Another replica may have minted one at the same time: list again and converge on the
+        # earliest of the keys that are new since our first look.
+        old = {key.instant_key_id for key in before}
+        after = await self.seam.list_instant_keys(user_identity_id)
+        fresh = [key for key in after if key.instant_key_id not in old]
+        if not fresh:
+            raise Transient("the key Seam generated was deleted before it could be delivered")
+        kept = await self._converge(fresh)
+        if kept.instant_key_id != minted.instant_key_id:
+            await self._schedule([kept])  # its minter may have died before scheduling it
+        return kept, kept.instant_key_id == minted.instant_key_id
 
     def _usable(self, keys: list[InstantKey]) -> list[InstantKey]:
-        horizon = self.clock() + self.min_key_lifetime
-        return [key for key in keys if key.expires_at >= horizon]
+        """Keys worth delivering again: at least IKW_MIN_KEY_LIFETIME left, or, for keys Seam
+        issues for less than that, at least half their life (so a retried or redelivered grant
+        reuses the short key it minted instead of minting another)."""
+        now = self.clock()
+        return [
+            key
+            for key in keys
+            if key.expires_at - now
+            >= min(self.min_key_lifetime, (key.expires_at - key.created_at) / 2)
+            and key.expires_at > now
+        ]
 
     async def _converge(self, keys: list[InstantKey]) -> InstantKey:
         """Keep the earliest created key (ties: smallest id) and delete the others."""
         keep, *extra = sorted(keys, key=lambda k: (k.created_at, k.instant_key_id))
-        for key in extra:
-            await self.seam.delete_instant_key(key.instant_key_id)
+        await self._each(extra, lambda key: self.seam.delete_instant_key(key.instant_key_id))
         if extra:
             log.info(
                 "deleted duplicate instant keys",
@@ -197,9 +288,36 @@ class Flows:
             )
         return keep
 
+    async def _schedule(self, keys: list[InstantKey]) -> None:
+        now = self.clock()
+        live = {key.instant_key_id: key for key in keys if key.expires_at > now}
+        await self._each(
+            list(live.values()),
+            lambda key: self.scheduler.schedule_cleanup(
+                key.instant_key_id, key.user_identity_id, key.expires_at
+            ),
+        )
+
+    @staticmethod
+    async def _each(
+        keys: Sequence[InstantKey], call: Callable[[InstantKey], Awaitable[None]]
+    ) -> None:
+        """``call`` for every key, PARALLEL_CALLS at a time; raises the first failure."""
+        gate = asyncio.Semaphore(PARALLEL_CALLS)
+
+        async def one(key: InstantKey) -> None:
+            async with gate:
+                await call(key)
+
+        results = await asyncio.gather(*(one(key) for key in keys), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
     async def _deliver(
         self, message: KeyMessage, order: Sequence[str], still_held: Callable[[], bool]
-    ) -> str:
+    ) -> tuple[str, str]:
+        """The channel that took the message, and the provider's id for it."""
         refusals = []
         for name in order:
             if not still_held():
@@ -212,9 +330,9 @@ class Flows:
                 refusals.append(f"{name}: no contact")
                 continue
             try:
-                await channel.send(message)
+                sent_id = await channel.send(message)
             except ChannelRefused as exc:
                 refusals.append(f"{name}: refused ({exc.code or exc})")
                 continue
-            return name
+            return name, sent_id
         raise Permanent("; ".join(refusals), reason="no_channel_accepted")

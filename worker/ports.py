@@ -1,5 +1,7 @@
-"""The seams between the flows and the outside world: Seam, delivery channels, the scheduler."""
+"""The seams between the flows and the outside world: Seam, delivery channels, the scheduler and
+the revocation fence."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -53,6 +55,9 @@ class Seam(Protocol):
 
     async def list_instant_keys(self, user_identity_id: str) -> list[InstantKey]: ...
 
+    async def get_instant_key(self, instant_key_id: str) -> InstantKey | None:
+        """The key, or None when Seam answers 404."""
+
     async def generate_instant_key(
         self,
         user_identity_id: str,
@@ -85,3 +90,25 @@ class Channel(Protocol):
         """Raises CredentialsRefused when the provider refuses our credentials."""
 
     async def close(self) -> None: ...
+
+
+class Scheduler(Protocol):
+    async def schedule_cleanup(
+        self, instant_key_id: str, user_identity_id: str, expires_at: datetime
+    ) -> None:
+        """Durably schedule the key's deletion at ``expires_at`` (confirmed by the broker)."""
+
+
+class Fence(Protocol):
+    """Revokes remembered by every replica: a revoke wins over every grant that occurred before
+    it. Identities are named ``key:<user_identity_key>`` or ``id:<user_identity_id>``."""
+
+    def revoked_at(self, names: Iterable[str]) -> datetime | None:
+        """The latest revoke of any of ``names`` this replica has seen, if any."""
+
+    async def record(self, names: Iterable[str], occurred_at: datetime) -> None:
+        """Durably remember a revoke (confirmed), before its keys are deleted."""
+
+    async def wait_caught_up(self) -> None:
+        """Until this replica has read every revoke recorded before it (re)connected; raises
+        Transient when that takes too long."""

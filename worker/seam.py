@@ -36,9 +36,11 @@ class SeamClient:
         api_key: str,
         *,
         timeout: float = 10.0,
+        connections: int = 100,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         self._endpoint = endpoint.rstrip("/")
+        self._connections = connections
         self._headers = {"Authorization": f"Bearer {api_key}", "User-Agent": USER_AGENT}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session = session
@@ -86,6 +88,17 @@ class SeamClient:
             "/instant_keys/list", body, lambda data: [_key(k) for k in data["instant_keys"]]
         )
 
+    async def get_instant_key(self, instant_key_id: str) -> InstantKey | None:
+        """The key, or None when Seam answers 404."""
+        try:
+            return await self._call(
+                "/instant_keys/get",
+                {"instant_key_id": instant_key_id},
+                lambda data: _key(data["instant_key"]),
+            )
+        except NotFound:
+            return None
+
     async def generate_instant_key(
         self,
         user_identity_id: str,
@@ -115,7 +128,8 @@ class SeamClient:
 
     async def _call(self, path: str, body: Json, parse: Callable[[Json], T]) -> T:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            connector = aiohttp.TCPConnector(limit=self._connections)
+            self._session = aiohttp.ClientSession(connector=connector)
         try:
             async with self._session.request(
                 "POST",

@@ -3,28 +3,34 @@
 import asyncio
 import logging
 import signal
-from datetime import timedelta
 
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
 
 from worker.broker import topology
-from worker.broker.connect import connect
+from worker.broker.connect import BROKER_ERRORS, connect
 from worker.broker.consumer import Consumer
+from worker.broker.decision import Limits, Trust
+from worker.broker.fence import StreamFence
 from worker.broker.publisher import Publisher
-from worker.broker.topology import Names
 from worker.channels import EmailChannel, SmsChannel
 from worker.config import Settings
 from worker.errors import CredentialsRefused
 from worker.flows import Flows
 from worker.metrics import Metrics
 from worker.ports import Channel
+from worker.queues import Names
 from worker.sandbox.http import Served
 from worker.seam import SeamClient
 
 log = logging.getLogger("worker.service")
 
 CHECK_BACKOFF_CAP = 60.0
+CLOSE_TIMEOUT = 5.0  # closing a connection to a broker that is gone must not hang the stop
+
+
+class StartError(Exception):
+    """The worker cannot start; the message says what to fix, in one line."""
 
 
 def build_channels(settings: Settings) -> dict[str, Channel]:
@@ -51,51 +57,84 @@ class Service:
         self.settings = settings
         self.names = Names(settings.namespace)
         self.metrics = Metrics()
-        self.seam = SeamClient(settings.seam_endpoint, settings.seam_api_key)
+        # One HTTP connection per message in flight: a smaller pool would queue Seam calls.
+        self.seam = SeamClient(
+            settings.seam_endpoint, settings.seam_api_key, connections=settings.prefetch
+        )
         self.channels = build_channels(settings)
         self.connection: AbstractRobustConnection | None = None
         self.consumer: Consumer | None = None
+        self.fence: StreamFence | None = None
         self.http: Served | None = None
         self.stopping = asyncio.Event()
         self._guard: asyncio.Task[None] | None = None
+        self._catching_up: asyncio.Task[None] | None = None
+        self._paused_by = ""
+        self._channels: list[AbstractChannel] = []
         self.metrics.ready.set_function(lambda: float(self.ready))
 
     @property
+    def not_ready_because(self) -> str | None:
+        """Why the worker is not taking messages now, or None when it is."""
+        if self.stopping.is_set():
+            return "stopping"
+        if self.connection is None or self.connection.is_closed:
+            return "not connected to RabbitMQ"
+        if self.fence is None or not self.fence.caught_up.is_set():
+            return "catching up with the revocation fence"
+        if self._paused_by:
+            return f"paused: {self._paused_by} refuses our credentials"
+        if self.consumer is None or not self.consumer.consuming:
+            return "not consuming yet"
+        return None
+
+    @property
     def ready(self) -> bool:
-        return bool(
-            self.consumer
-            and self.consumer.consuming
-            and self.connection
-            and not self.connection.is_closed
-            and not self.stopping.is_set()
-        )
+        return self.not_ready_because is None
 
     async def start(self) -> None:
+        self.http = Served(self._http_app())
+        try:
+            await self.http.start("0.0.0.0", self.settings.http_port)
+        except OSError as exc:
+            raise StartError(
+                f"cannot serve health and metrics on port {self.settings.http_port} "
+                f"({exc.strerror}); free it or set IKW_HTTP_PORT"
+            ) from None
         self.connection = await connect(self.settings.amqp_url)
         self.connection.close_callbacks.add(self._connection_lost)
         self.connection.reconnect_callbacks.add(self._reconnected)
-        channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        await channel.set_qos(prefetch_count=self.settings.prefetch)
-        await topology.declare(channel, self.names)
-        publisher = Publisher(channel, self.names)
+        # Consuming and publishing on separate channels: publisher flow control never holds
+        # acks back. aio-pika keeps channels weakly: these references keep them restorable.
+        consuming = await self.connection.channel()
+        await consuming.set_qos(prefetch_count=self.settings.prefetch)
+        publishing = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        following = await self.connection.channel()
+        self._channels = [consuming, publishing, following]
+        if self.settings.declare:
+            await topology.declare(publishing, self.names, self.settings.revoke_retention)
+        publisher = Publisher(publishing, self.names, self.settings.broker_user)
+        self.fence = StreamFence(self.names, publisher, self.settings.broker_user)
+        await self.fence.start(following)
         flows = Flows(
             self.seam,
             self.channels,
             publisher,
-            min_key_lifetime=timedelta(seconds=self.settings.min_key_lifetime),
+            self.fence,
+            min_key_lifetime=self.settings.min_key_lifetime,
+            revoke_retention=self.settings.revoke_retention,
         )
         self.consumer = Consumer(
-            channel,
+            consuming,
             publisher,
             self.names,
             flows,
             self.metrics,
-            max_attempts=self.settings.max_attempts,
-            max_retry_age=self.settings.max_retry_age,
+            limits=Limits(self.settings.max_attempts, self.settings.max_retry_age),
+            trust=Trust(self.settings.broker_user, self.settings.trusted_publishers),
+            deadline=self.settings.message_deadline,
             on_credentials_refused=self._credentials_refused,
         )
-        self.http = Served(self._http_app())
-        await self.http.start("0.0.0.0", self.settings.http_port)
         log.info(
             "worker started",
             extra={
@@ -115,6 +154,16 @@ class Service:
 
     def _reconnected(self, *_: object) -> None:
         log.info("reconnected to RabbitMQ")
+        # Revokes recorded while we were away are read before any grant is decided.
+        if self.fence is not None and (self._catching_up is None or self._catching_up.done()):
+            self._catching_up = asyncio.create_task(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        assert self.fence is not None
+        try:
+            await self.fence.catch_up()
+        except Exception as exc:
+            log.warning("could not catch up with the revocation fence (%s)", type(exc).__name__)
 
     def _credentials_refused(self, exc: CredentialsRefused) -> None:
         if self._guard is None or self._guard.done():
@@ -124,6 +173,7 @@ class Service:
         """Consume only while every configured service accepts our credentials."""
         assert self.consumer is not None
         if exc is not None:
+            self._paused_by = exc.service
             await self.consumer.pause()
         delay, refused = 1.0, False
         while not self.stopping.is_set():
@@ -138,10 +188,12 @@ class Service:
                     delay,
                 )
                 refused = True
+                self._paused_by = error.service
             try:
                 await asyncio.wait_for(self.stopping.wait(), delay)
             except TimeoutError:
                 delay = min(delay * 2, CHECK_BACKOFF_CAP)
+        self._paused_by = ""
         if not self.stopping.is_set():
             await self.consumer.resume()
             log.info("credentials accepted again: consuming" if refused else "consuming")
@@ -163,12 +215,17 @@ class Service:
         self.stopping.set()
         if self._guard:
             await asyncio.gather(self._guard, return_exceptions=True)
+        if self._catching_up:
+            self._catching_up.cancel()
         if self.consumer:
-            cancelled = await self.consumer.stop(self.settings.shutdown_grace)
+            cancelled = await self.consumer.stop(self.settings.shutdown_grace.total_seconds())
             if cancelled:
                 log.warning("%d messages left unfinished; the broker requeues them", cancelled)
         if self.connection:
-            await self.connection.close()
+            try:
+                await asyncio.wait_for(self.connection.close(), CLOSE_TIMEOUT)
+            except (TimeoutError, *BROKER_ERRORS):
+                log.warning("RabbitMQ did not answer the close; leaving the connection")
         await self.seam.close()
         for channel in self.channels.values():
             await channel.close()
@@ -190,7 +247,9 @@ class Service:
             return web.json_response({"ok": True})
 
         async def readyz(_: web.Request) -> web.Response:
-            return web.json_response({"ready": self.ready}, status=200 if self.ready else 503)
+            why = self.not_ready_because
+            body = {"ready": why is None} | ({"why": why} if why else {})
+            return web.json_response(body, status=200 if why is None else 503)
 
         async def metrics(_: web.Request) -> web.Response:
             return web.Response(body=self.metrics.render(), content_type="text/plain")

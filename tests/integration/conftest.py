@@ -20,6 +20,7 @@ from worker.sandbox.twilio import TwilioSandbox
 from worker.service import Service
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+BROKER_USER = config.Settings(amqp_url=AMQP_URL).broker_user
 
 
 class Lines(logging.Handler):
@@ -65,7 +66,8 @@ async def publish(
     amqp: aio_pika.abc.AbstractRobustConnection, names: Names
 ) -> Callable[..., Awaitable[None]]:
     channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
-    publisher = Publisher(channel, names)
+    # As a trusted producer does: the broker checks user_id against the connection's user.
+    publisher = Publisher(channel, names, BROKER_USER)
 
     async def send(
         event: dict[str, Any] | bytes, routing_key: str | None = None, **kw: Any

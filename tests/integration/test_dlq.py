@@ -203,7 +203,7 @@ def test_without_a_message_id_the_id_is_a_hash_of_the_body() -> None:
     )
     message = aio_pika.IncomingMessage(delivered, no_ack=True)
     assert dlq.letter_id(message) == hashlib.sha256(b"{not json").hexdigest()[:12]
-    assert dlq.describe(message).reason == "unknown"
+    assert dlq.describe(message, "guest").reason == "unknown"
 
 
 async def test_replay_of_a_fixed_failure_delivers_the_sms_and_empties_the_dead_queue(
@@ -329,7 +329,7 @@ async def test_replay_refuses_a_source_queue_outside_the_namespace_and_keeps_it(
         "x-ikw-reason": "seam_rejected",
         "x-ikw-source-queue": "elsewhere.grants",
     }
-    message = aio_pika.Message(b"{}", headers=headers, message_id="evt-elsewhere")
+    message = aio_pika.Message(b"{}", headers=headers, message_id="evt-elsewhere", user_id="guest")
     await channel.default_exchange.publish(message, names.dead)
     await channel.close()
 

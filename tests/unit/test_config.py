@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ def test_channels_turn_on_when_their_settings_are_present() -> None:
     )
     assert settings.sms is not None and settings.sms.messaging_service_sid
     assert settings.email is not None and settings.email.port == 587  # starttls default
-    assert settings.min_key_lifetime == 7200
+    assert settings.min_key_lifetime == timedelta(hours=2)
 
 
 def test_ikw_run_stops_with_one_plain_message() -> None:
@@ -94,3 +95,28 @@ def test_ikw_run_stops_with_one_plain_message() -> None:
         "ikw: configuration error:\nIKW_PREFETCH: must be a whole number from 1 to 10000, "
         "got 'lots'\n"
     )
+
+
+def test_trusted_publishers_are_broker_users_optionally_limited_to_a_key_prefix() -> None:
+    settings = load(BASE | {"IKW_TRUSTED_PUBLISHERS": "booking, hotel:hotel-a-,hotel:hotel-b-"})
+    assert settings.trusted_publishers == {"booking": None, "hotel": ("hotel-a-", "hotel-b-")}
+    assert settings.broker_user == "guest"  # the user of AMQP_URL, trusted for everything
+
+
+@pytest.mark.parametrize(
+    "value,said",
+    [
+        ("booking:", "IKW_TRUSTED_PUBLISHERS: use comma-separated broker users"),
+        ("booking,booking:x-", "'booking' is listed both with and without a prefix"),
+    ],
+)
+def test_a_bad_trusted_publishers_entry_is_named(value: str, said: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(BASE | {"IKW_TRUSTED_PUBLISHERS": value})
+    assert said in str(caught.value)
+
+
+def test_revokes_are_remembered_at_least_as_long_as_grants_are_retried() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(BASE | {"IKW_REVOKE_RETENTION": "1h", "IKW_MAX_RETRY_AGE": "2h"})
+    assert "IKW_REVOKE_RETENTION: must be at least IKW_MAX_RETRY_AGE" in str(caught.value)

@@ -1,9 +1,6 @@
-"""Delay routing keys and backoff: the arithmetic behind retries and expiry timers."""
+"""Delay routing keys: the arithmetic behind retries and expiry timers."""
 
-import pytest
-
-from worker.broker.consumer import backoff
-from worker.broker.publisher import MAX_DELAY, clean_headers, delay_routing_key
+from worker.broker.publisher import MAX_DELAY, delay_routing_key
 from worker.broker.topology import LEVELS, Names, plan
 
 
@@ -26,15 +23,3 @@ def test_each_level_waits_its_power_of_two_and_falls_to_the_next() -> None:
         lower = f"ns.delay.{level - 1:02d}" if level else "ns.delay.deliver"
         assert queue["x-dead-letter-exchange"] == lower
     assert rows[("queue", "ns.grants")]["x-delivery-limit"] >= 1
-
-
-def test_backoff_grows_and_honours_retry_after() -> None:
-    assert 1 <= backoff(1) <= 1
-    assert 4 <= backoff(4) <= 8
-    assert backoff(40) <= 3600
-    assert backoff(1, retry_after=30) == pytest.approx(30)
-
-
-def test_broker_death_headers_are_dropped_on_republish() -> None:
-    headers = {"x-death": [], "x-first-death-queue": "q", "x-ikw-attempt": 2}
-    assert clean_headers(headers) == {"x-ikw-attempt": 2}

@@ -63,3 +63,44 @@ def test_strict_types_refuse_a_number_as_text() -> None:
     event = grant()
     event["event_id"] = 123
     assert reason(json.dumps(event).encode()) == "invalid_event"
+
+
+def test_deeply_nested_json_is_malformed_not_a_crash() -> None:
+    assert reason(b"[" * 30_000 + b"]" * 30_000) == "malformed_json"
+    assert reason(b'{"a":' * 10_000 + b"1" + b"}" * 10_000) == "malformed_json"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "",
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON;charset=UTF-8",
+    ],
+)
+def test_json_with_or_without_media_type_parameters_is_accepted(content_type: str | None) -> None:
+    assert isinstance(parse(body(grant()), content_type), AccessGranted)
+
+
+def test_a_charset_other_than_utf8_is_refused() -> None:
+    assert reason(body(grant()), "application/json; charset=latin-1") == "wrong_content_type"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+def test_a_compressed_body_is_refused_with_its_own_reason(encoding: str) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse(body(grant()), "application/json", encoding)
+    assert caught.value.reason == "unsupported_encoding"
+    assert isinstance(parse(body(grant()), "application/json", "identity"), AccessGranted)
+
+
+@pytest.mark.parametrize("count", [10**30, 0, 10_001])
+def test_max_use_count_is_bounded(count: int) -> None:
+    assert reason(body(grant(instant_key={"max_use_count": count}))) == "invalid_event"
+
+
+def test_a_name_that_cleans_to_nothing_is_no_reason_to_refuse_a_grant() -> None:
+    event = parse(body(grant(name="\u200b\u200b")), "application/json")
+    assert isinstance(event, AccessGranted)

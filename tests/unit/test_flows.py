@@ -1,14 +1,16 @@
-"""The grant rules over in-memory ports: reuse, convergence across replicas, channel order."""
+"""The flows over in-memory ports: reuse, convergence across replicas, channel order, timers for
+every key, returning guests, the revocation fence and checked cleanups."""
 
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.builders import body, grant
-from worker.errors import ChannelRefused, Permanent
-from worker.events import AccessGranted, parse
-from worker.flows import Flows
+from tests.builders import body, grant, revoke
+from worker.errors import ChannelRefused, Permanent, SeamRejected
+from worker.events import AccessGranted, AccessRevoked, KeyCleanup, parse
+from worker.flows import Action, Flows
 from worker.ports import InstantKey, KeyMessage, UserIdentity
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -16,9 +18,13 @@ NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
 class MemorySeam:
     def __init__(self) -> None:
-        self.identity = UserIdentity("ui-1", "guest-1")
+        self.identity: UserIdentity | None = UserIdentity("ui-1", "guest-1")
         self.keys: dict[str, InstantKey] = {}
         self.rival: InstantKey | None = None  # minted by another replica during our generate
+        self.key_lifetime = timedelta(hours=48)
+        self.taken_contacts: set[str] = set()  # held by other identities: Seam refuses them
+        self.created: list[dict[str, str | None]] = []
+        self.on_generate: list[object] = []
 
     def add_key(self, lifetime: timedelta, created: datetime = NOW) -> InstantKey:
         key_id = str(uuid.uuid4())
@@ -29,16 +35,25 @@ class MemorySeam:
     async def get_user_identity(self, **_: str | None) -> UserIdentity | None:
         return self.identity
 
-    async def create_user_identity(self, **_: str | None) -> UserIdentity:
-        raise AssertionError("not expected")
+    async def create_user_identity(self, **fields: str | None) -> UserIdentity:
+        if {fields["email_address"], fields["phone_number"]} & self.taken_contacts:
+            raise SeamRejected("seam answered 400", error_type="user_identity_email_taken")
+        self.created.append(fields)
+        self.identity = UserIdentity("ui-1", fields["user_identity_key"])
+        return self.identity
 
     async def list_instant_keys(self, user_identity_id: str) -> list[InstantKey]:
         return list(self.keys.values())
 
+    async def get_instant_key(self, instant_key_id: str) -> InstantKey | None:
+        return self.keys.get(instant_key_id)
+
     async def generate_instant_key(self, user_identity_id: str, **_: object) -> InstantKey:
         if self.rival:
             self.keys[self.rival.instant_key_id] = self.rival
-        return self.add_key(timedelta(hours=48), NOW + timedelta(milliseconds=5))
+        for action in self.on_generate:
+            action()  # type: ignore[operator]
+        return self.add_key(self.key_lifetime, NOW + timedelta(milliseconds=5))
 
     async def delete_instant_key(self, instant_key_id: str) -> None:
         self.keys.pop(instant_key_id, None)
@@ -72,20 +87,54 @@ class Recorder:
 class Scheduled:
     def __init__(self) -> None:
         self.keys: list[str] = []
+        self.fail = False
 
-    async def schedule_cleanup(self, key: InstantKey) -> None:
-        self.keys.append(key.instant_key_id)
+    async def schedule_cleanup(self, instant_key_id: str, user_identity_id: str, _: object) -> None:
+        if self.fail:
+            raise ConnectionError("the broker is gone")
+        self.keys.append(instant_key_id)
 
 
-def flows(seam: MemorySeam, *channels: Recorder) -> tuple[Flows, Scheduled]:
+class MemoryFence:
+    def __init__(self) -> None:
+        self.revoked: dict[str, datetime] = {}
+
+    def revoked_at(self, names: Iterable[str]) -> datetime | None:
+        return max((self.revoked[n] for n in names if n in self.revoked), default=None)
+
+    async def record(self, names: Iterable[str], occurred_at: datetime) -> None:
+        for name in names:
+            self.revoked[name] = max(occurred_at, self.revoked.get(name, occurred_at))
+
+    async def wait_caught_up(self) -> None:
+        pass
+
+
+FENCE = MemoryFence()
+
+
+def flows(
+    seam: MemorySeam, *channels: Recorder, fence: MemoryFence | None = None
+) -> tuple[Flows, Scheduled]:
     scheduled = Scheduled()
     ports = {c.name: c for c in channels}
-    flow = Flows(seam, ports, scheduled, min_key_lifetime=timedelta(hours=1), clock=lambda: NOW)
+    flow = Flows(
+        seam,
+        ports,
+        scheduled,
+        fence or MemoryFence(),
+        min_key_lifetime=timedelta(hours=1),
+        clock=lambda: NOW,
+    )
     return flow, scheduled
 
 
-def event(**kwargs: object) -> AccessGranted:
-    parsed = parse(body(grant("guest-1", **kwargs)), None)
+def at(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+def event(occurred_at: datetime = NOW - timedelta(minutes=1), **kwargs: object) -> AccessGranted:
+    parsed = parse(body(grant("guest-1", occurred_at=at(occurred_at), **kwargs)), None)
     assert isinstance(parsed, AccessGranted)
     return parsed
 
@@ -102,7 +151,7 @@ async def test_a_key_with_enough_life_left_is_reused() -> None:
 
 async def test_a_key_about_to_expire_is_replaced() -> None:
     seam = MemorySeam()
-    old = seam.add_key(timedelta(minutes=30))
+    old = seam.add_key(timedelta(hours=48), created=NOW - timedelta(hours=47, minutes=30))
     sms = Recorder("sms")
     flow, _ = flows(seam, sms)
     outcome = await flow.grant(event())
@@ -118,7 +167,9 @@ async def test_a_rival_replicas_earlier_key_wins_and_ours_is_deleted() -> None:
     await flow.grant(event())
     assert sms.sent == ["https://ik/rival"]
     assert list(seam.keys) == ["rival"]
-    assert scheduled.keys == ["rival"]
+    # Ours was given its timer the moment it was minted; the rival's is scheduled again in case
+    # its minter died before it could.
+    assert scheduled.keys[1:] == ["rival"] and len(scheduled.keys) == 2
 
 
 async def test_channels_are_tried_in_order_and_a_refusal_falls_through() -> None:
@@ -137,3 +188,127 @@ async def test_no_channel_accepting_names_each_refusal_without_contacts() -> Non
     assert caught.value.reason == "no_channel_accepted"
     assert str(caught.value) == "sms: refused (21610); email: not configured"
     assert len(scheduled.keys) == 1  # cleanup was scheduled before delivery was tried
+
+
+async def test_a_minted_key_shorter_than_the_minimum_is_delivered_and_scheduled() -> None:
+    seam = MemorySeam()
+    seam.key_lifetime = timedelta(minutes=10)
+    sms = Recorder("sms")
+    flow, scheduled = flows(seam, sms)
+    outcome = await flow.grant(event())
+    [key] = seam.keys.values()
+    assert outcome.minted and sms.sent == [key.instant_key_url]
+    assert scheduled.keys == [key.instant_key_id]
+
+
+async def test_a_retry_after_a_failure_past_generation_reuses_the_short_key() -> None:
+    seam = MemorySeam()
+    seam.key_lifetime = timedelta(minutes=10)
+    sms = Recorder("sms")
+    flow, scheduled = flows(seam, sms)
+    scheduled.fail = True
+    with pytest.raises(ConnectionError):
+        await flow.grant(event())
+    scheduled.fail = False
+    outcome = await flow.grant(event())
+    [key] = seam.keys.values()  # not a second key
+    assert not outcome.minted and sms.sent == [key.instant_key_url]
+    assert scheduled.keys == [key.instant_key_id]
+
+
+async def test_old_keys_left_in_seam_get_a_timer_too() -> None:
+    seam = MemorySeam()
+    old = seam.add_key(timedelta(hours=47, minutes=20), created=NOW - timedelta(hours=47))
+    flow, scheduled = flows(seam, Recorder("sms"))
+    await flow.grant(event())
+    assert old.instant_key_id in scheduled.keys
+    assert set(scheduled.keys) == set(seam.keys)
+
+
+async def test_a_returning_guest_whose_contact_seam_holds_elsewhere_still_gets_the_key() -> None:
+    seam = MemorySeam()
+    seam.identity = None
+    seam.taken_contacts = {"+14155550100"}
+    sms = Recorder("sms")
+    flow, _ = flows(seam, sms)
+    outcome = await flow.grant(event())
+    assert seam.created == [
+        {
+            "user_identity_key": "guest-1",
+            "full_name": "Ada Lovelace",
+            "email_address": None,
+            "phone_number": None,
+        }
+    ]
+    assert outcome.action is Action.GRANTED and len(sms.sent) == 1
+
+
+async def test_a_grant_older_than_a_recorded_revoke_is_fenced_before_anything_happens() -> None:
+    seam, fence = MemorySeam(), MemoryFence()
+    sms = Recorder("sms")
+    flow, _ = flows(seam, sms, fence=fence)
+    await fence.record(["key:guest-1"], NOW)
+    outcome = await flow.grant(event(NOW - timedelta(minutes=5)))
+    assert outcome.action is Action.FENCED
+    assert (sms.sent, seam.keys) == ([], {})
+
+
+async def test_a_revoke_recorded_while_minting_deletes_the_minted_key() -> None:
+    seam, fence = MemorySeam(), MemoryFence()
+    sms = Recorder("sms")
+    flow, _ = flows(seam, sms, fence=fence)
+    # Another replica records a revoke, by id, while we generate.
+    seam.on_generate.append(lambda: fence.revoked.update({"id:ui-1": NOW}))
+    outcome = await flow.grant(event(NOW - timedelta(minutes=5)))
+    assert (outcome.action, outcome.minted, outcome.deleted) == (Action.FENCED, True, 1)
+    assert (sms.sent, seam.keys) == ([], {})
+
+
+async def test_a_new_booking_after_a_revoke_is_delivered() -> None:
+    seam, fence = MemorySeam(), MemoryFence()
+    sms = Recorder("sms")
+    flow, _ = flows(seam, sms, fence=fence)
+    await fence.record(["key:guest-1"], NOW - timedelta(minutes=5))
+    outcome = await flow.grant(event(NOW - timedelta(minutes=1)))
+    assert outcome.action is Action.GRANTED and len(sms.sent) == 1
+
+
+async def test_a_grant_older_than_the_revoke_retention_is_refused() -> None:
+    flow, _ = flows(MemorySeam(), Recorder("sms"))
+    with pytest.raises(Permanent) as caught:
+        await flow.grant(event(NOW - timedelta(days=31)))
+    assert caught.value.reason == "stale_grant"
+
+
+async def test_a_revoke_is_recorded_by_key_and_id_then_deletes_every_key() -> None:
+    seam, fence = MemorySeam(), MemoryFence()
+    for _ in range(3):
+        seam.add_key(timedelta(hours=3))
+    flow, _ = flows(seam, fence=fence)
+    parsed = parse(body(revoke("guest-1") | {"occurred_at": at(NOW)}), None)
+    assert isinstance(parsed, AccessRevoked)
+    outcome = await flow.revoke(parsed)
+    assert (outcome.action, outcome.deleted, seam.keys) == (Action.REVOKED, 3, {})
+    assert fence.revoked == {"key:guest-1": NOW, "id:ui-1": NOW}
+
+
+def cleanup(key_id: str, identity: str = "ui-1") -> KeyCleanup:
+    return KeyCleanup(
+        type="instant_key.cleanup",
+        version=1,
+        instant_key_id=key_id,
+        user_identity_id=identity,
+        expires_at=NOW - timedelta(seconds=5),
+    )
+
+
+async def test_a_cleanup_deletes_only_a_key_of_the_identity_it_names() -> None:
+    seam = MemorySeam()
+    key = seam.add_key(timedelta(hours=3))
+    flow, _ = flows(seam)
+    with pytest.raises(Permanent) as caught:
+        await flow.cleanup(cleanup(key.instant_key_id, identity="ui-other"))
+    assert caught.value.reason == "key_identity_mismatch"
+    assert key.instant_key_id in seam.keys
+    assert (await flow.cleanup(cleanup(key.instant_key_id))).deleted == 1
+    assert (await flow.cleanup(cleanup(key.instant_key_id))).deleted == 0  # gone: done

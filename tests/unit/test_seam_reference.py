@@ -94,6 +94,7 @@ CALLS: dict[str, Callable[[SeamClient], Awaitable[object]]] = {
         phone_number="+14155550100",
     ),
     "list_instant_keys": lambda c: c.list_instant_keys(ID),
+    "get_instant_key": lambda c: c.get_instant_key(ID),
     "generate_instant_key": lambda c: c.generate_instant_key(
         ID, customization_profile_id=ID, max_use_count=1
     ),

@@ -1,47 +1,45 @@
-"""The one place that decides, from the exception's type, whether a message is acked, retried
-later through the delay queues, requeued, or dead-lettered with a reason."""
+"""The thin executor: takes messages from the work queues, runs the trust checks and the flow, and
+carries out what ``decision.decide`` chose: ack, retry through the delay queues, requeue or
+dead-letter. Whatever goes wrong while settling, the message goes back to the broker."""
 
 import asyncio
 import logging
-import random
 import time
-import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
+from worker.broker import headers
 from worker.broker.connect import BROKER_ERRORS
-from worker.broker.publisher import Publisher, clean_headers
-from worker.broker.topology import Names
-from worker.errors import Abandoned, CredentialsRefused, Permanent, Transient
+from worker.broker.decision import (
+    Ack,
+    DeadLetter,
+    Decision,
+    Leave,
+    Limits,
+    Requeue,
+    Retry,
+    Settled,
+    Trust,
+    check_event,
+    check_publisher,
+    decide,
+    producer_of,
+)
+from worker.broker.headers import Bookkeeping
+from worker.broker.publisher import Publisher
+from worker.errors import CredentialsRefused, Permanent, Transient
 from worker.events import AccessGranted, AccessRevoked, Event, KeyCleanup, event_key, parse
-from worker.flows import Flows, Outcome
+from worker.flows import Action, Flows, Outcome
 from worker.metrics import Metrics
+from worker.queues import Names
 
 log = logging.getLogger("worker.consumer")
-
-MAX_BACKOFF = 3600.0
-
-
-def backoff(attempt: int, retry_after: float | None = None) -> float:
-    """Exponential with jitter: about 1 s, 2 s, 4 s ... capped at an hour; honours Retry-After."""
-    delay = min(MAX_BACKOFF, 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-    return max(1.0, delay, retry_after or 0.0)
-
-
-def one_line(exc: BaseException) -> str:
-    if not isinstance(exc, Transient | Permanent | CredentialsRefused):
-        # A library's message may quote what we sent: name the type and where it was raised.
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-        return f"unexpected {type(exc).__name__}{where}"
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:300]
 
 
 class Consumer:
@@ -53,8 +51,9 @@ class Consumer:
         flows: Flows,
         metrics: Metrics,
         *,
-        max_attempts: int,
-        max_retry_age: float,
+        limits: Limits,
+        trust: Trust,
+        deadline: timedelta,
         on_credentials_refused: Callable[[CredentialsRefused], None],
     ) -> None:
         self.channel = channel
@@ -62,9 +61,12 @@ class Consumer:
         self.names = names
         self.flows = flows
         self.metrics = metrics
-        self.max_attempts = max_attempts
-        self.max_retry_age = timedelta(seconds=max_retry_age)
+        self.limits = limits
+        self.trust = trust
+        self.deadline = deadline
         self.on_credentials_refused = on_credentials_refused
+        # Queue -> the message type it takes; None for the main exchange's unroutable events.
+        self._takes: dict[str, str | None] = {**names.takes, names.unroutable: None}
         self._queues: dict[str, AbstractQueue] = {}
         self._tags: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -74,7 +76,7 @@ class Consumer:
         return bool(self._tags)
 
     async def resume(self) -> None:
-        for name in self.names.work_queues:
+        for name in self._takes:
             if name not in self._tags:
                 queue = self._queues.get(name) or await self.channel.get_queue(name)
                 self._queues[name] = queue
@@ -112,43 +114,71 @@ class Consumer:
     async def _handle(self, queue: str, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
         self.metrics.in_flight.inc()
-        ctx: dict[str, Any] = {"queue": queue, "attempt": _attempt(message)}
+        # x-ikw-* headers are ours: from anyone but the worker's own user they are not read.
+        own = message.user_id == self.trust.worker
+        book = headers.read(message.headers) if own else Bookkeeping()
+        producer = producer_of(message.user_id, book.publisher, self.trust)
+        ctx: dict[str, Any] = {
+            "queue": queue,
+            "message_id": _printable(message.message_id),
+            "attempt": book.attempt,
+        }
+        outcome: Outcome | None = None
+        error: Exception | None = None
         try:
             try:
-                event = parse(message.body, message.content_type)
-                ctx["event"] = event_key(event)
-                outcome = await self._dispatch(event, partial(_held, message))
+                outcome = await self._work(queue, message, producer, ctx)
             except Exception as exc:
-                settled = await asyncio.shield(self._settle_failure(queue, message, exc))
-            else:
-                settled = await asyncio.shield(self._ack(message))
-                ctx.update(_describe(outcome))
-                if outcome.action == "granted":
-                    self.metrics.keys.labels("minted" if outcome.minted else "reused").inc()
-                self.metrics.keys.labels("deleted").inc(outcome.deleted)
-                if outcome.channel:
-                    self.metrics.deliveries.labels(outcome.channel).inc()
+                error = exc
+            try:
+                decided = decide(
+                    error,
+                    held=_held(message),
+                    attempt=book.attempt,
+                    first_failed_at=book.first_failed_at,
+                    now=datetime.now(UTC),
+                    limits=self.limits,
+                )
+                settled = await asyncio.shield(
+                    self._carry_out(decided, queue, message, book, producer, error, ctx)
+                )
+            except Exception as exc:
+                settled = await asyncio.shield(self._give_back(message, exc))
+            if outcome is not None:
+                self._count(outcome, ctx)
+                if outcome.action is Action.FENCED and settled is Settled.ACKED:
+                    settled = Settled.REVOKED
             self.metrics.messages.labels(queue, settled).inc()
-            ctx["outcome"] = settled
+            ctx["outcome"] = str(settled)
             ctx["ms"] = round((time.monotonic() - started) * 1000, 1)
             log.info("message %s", settled, extra={"ctx": ctx})
         finally:
             self.metrics.in_flight.dec()
             self.metrics.seconds.labels(queue).observe(time.monotonic() - started)
 
-    async def _settle_failure(
-        self, queue: str, message: AbstractIncomingMessage, exc: Exception
-    ) -> str:
-        """The one decision for a failed message: requeue, dead-letter or retry, by type."""
-        if isinstance(exc, Abandoned) or not _held(message):
-            return "abandoned"  # the broker redelivers it: publishing a copy would double it
-        if isinstance(exc, CredentialsRefused):
-            settled = await self._requeue(queue, message)
-            self.on_credentials_refused(exc)
-            return settled
-        if isinstance(exc, Permanent):
-            return await self._dead_letter(queue, message, exc.reason, exc)
-        return await self._retry(queue, message, exc)
+    async def _work(
+        self,
+        queue: str,
+        message: AbstractIncomingMessage,
+        producer: str | None,
+        ctx: dict[str, Any],
+    ) -> Outcome:
+        takes = self._takes[queue]
+        if takes is None:
+            raise Permanent(
+                f"no queue takes routing key {_printable(message.routing_key)!r}",
+                reason="unroutable",
+            )
+        check_publisher(takes, message.user_id, producer, self.trust)
+        event = parse(message.body, message.content_type, message.content_encoding)
+        ctx["event"] = event_key(event)
+        check_event(takes, event, producer, self.trust)
+        seconds = self.deadline.total_seconds()
+        try:
+            async with asyncio.timeout(seconds):
+                return await self._dispatch(event, partial(_held, message))
+        except TimeoutError as exc:
+            raise Transient(f"not done within IKW_MESSAGE_DEADLINE ({seconds:g} s)") from exc
 
     async def _dispatch(self, event: Event, still_held: Callable[[], bool]) -> Outcome:
         if isinstance(event, AccessGranted):
@@ -158,96 +188,123 @@ class Consumer:
         assert isinstance(event, KeyCleanup)
         return await self.flows.cleanup(event)
 
-    async def _ack(self, message: AbstractIncomingMessage) -> str:
+    async def _carry_out(
+        self,
+        decided: Decision,
+        queue: str,
+        message: AbstractIncomingMessage,
+        book: Bookkeeping,
+        producer: str | None,
+        error: Exception | None,
+        ctx: dict[str, Any],
+    ) -> Settled:
+        if isinstance(decided, Ack):
+            return await self._ack(message)
+        if isinstance(decided, Leave):
+            return Settled.ABANDONED
+        # What a republished copy says: where it was first published, and by whom.
+        book = replace(
+            book,
+            routing_key=book.routing_key or message.routing_key or "",
+            publisher=producer or "",
+        )
+        if isinstance(decided, Requeue):
+            settled = await self._republish(queue, message, book, Settled.REQUEUED)
+            assert isinstance(error, CredentialsRefused)
+            self.on_credentials_refused(error)
+            return settled
+        if isinstance(decided, Retry):
+            ctx.update(delay_s=round(decided.delay, 1), error=decided.error)
+            log.info("retrying later", extra={"ctx": ctx})
+            retry = replace(
+                book,
+                attempt=decided.attempt,
+                first_failed_at=decided.first_failed_at,
+                last_error=decided.error,
+            )
+            return await self._republish(queue, message, retry, Settled.RETRIED, decided)
+        assert isinstance(decided, DeadLetter)
+        now = datetime.now(UTC)
+        dead = Bookkeeping(
+            routing_key=book.routing_key,
+            publisher=book.publisher,
+            reason=decided.reason,
+            error=decided.error,
+            attempts=book.attempt,
+            source_queue=queue,
+            first_failed_at=book.first_failed_at or now,
+            dead_lettered_at=now,
+        )
+        settled = await self._republish(self.names.dead, message, dead, Settled.DEAD_LETTERED)
+        if settled is Settled.DEAD_LETTERED:
+            ctx.update(reason=decided.reason, error=decided.error)
+            log.warning("dead-lettered", extra={"ctx": ctx})
+            self.metrics.dead_letters.labels(decided.reason).inc()
+        return settled
+
+    async def _republish(
+        self,
+        target: str,
+        message: AbstractIncomingMessage,
+        book: Bookkeeping,
+        done: Settled,
+        retry: Retry | None = None,
+    ) -> Settled:
+        """A copy with ``book``'s headers, confirmed, then the original acked."""
+        properties: dict[str, Any] = {
+            "headers": headers.foreign(message.headers) | headers.write(book),
+            "message_id": message.message_id,
+            "content_type": message.content_type,
+        }
+        try:
+            if retry is not None:
+                await self.publisher.delayed(target, message.body, retry.delay, **properties)
+            else:
+                await self.publisher.to_queue(target, message.body, **properties)
+        except BROKER_ERRORS:
+            log.warning("could not publish the %s copy; leaving the message to the broker", done)
+            return await self._give_back(message, None)
+        return done if await self._ack(message) is Settled.ACKED else Settled.REDELIVERED
+
+    async def _ack(self, message: AbstractIncomingMessage) -> Settled:
         try:
             await message.ack()
         except BROKER_ERRORS:
             # The channel closed under us: the broker redelivers the message and it is redone.
             log.warning("ack lost with the channel; the message will be redone")
-            return "redelivered"
-        return "acked"
+            return Settled.REDELIVERED
+        return Settled.ACKED
 
-    async def _after_failed_publish(self, message: AbstractIncomingMessage, what: str) -> str:
-        log.warning("could not publish the %s; leaving the message to the broker", what)
+    async def _give_back(self, message: AbstractIncomingMessage, exc: Exception | None) -> Settled:
+        """The last resort: nack with requeue, so no message holds a prefetch slot for good."""
+        if exc is not None:
+            log.error(
+                "could not settle the message (%s); returning it to the broker",
+                type(exc).__name__,
+                extra={"ctx": {"message_id": _printable(message.message_id)}},
+            )
         try:
             await message.nack(requeue=True)
         except BROKER_ERRORS:
-            pass
-        return "redelivered"
+            pass  # the channel is gone: the broker has it back already
+        return Settled.RETURNED if exc is not None else Settled.REDELIVERED
 
-    async def _requeue(self, queue: str, message: AbstractIncomingMessage) -> str:
-        """Back to the queue, attempt count unchanged: the failure was not the message's."""
-        try:
-            await self.publisher.to_queue(queue, message.body, **_properties(message))
-        except BROKER_ERRORS:
-            return await self._after_failed_publish(message, "requeue")
-        return "requeued" if await self._ack(message) == "acked" else "redelivered"
-
-    async def _retry(self, queue: str, message: AbstractIncomingMessage, exc: Exception) -> str:
-        attempt = _attempt(message)
-        now = datetime.now(UTC)
-        first = _first_failed_at(message) or now
-        if attempt >= self.max_attempts or now - first >= self.max_retry_age:
-            error = f"gave up after {attempt} attempts: {one_line(exc)}"
-            return await self._dead_letter(queue, message, "retries_exhausted", error)
-        delay = backoff(attempt, getattr(exc, "retry_after", None))
-        props = _properties(message)
-        props["headers"].update(
-            {
-                "x-ikw-attempt": attempt + 1,
-                "x-ikw-first-failed-at": first.isoformat(),
-                "x-ikw-routing-key": _original_routing_key(message),
-                "x-ikw-last-error": one_line(exc),
-            }
-        )
-        log.info(
-            "retrying later",
-            extra={
-                "ctx": {
-                    "queue": queue,
-                    "attempt": attempt,
-                    "delay_s": round(delay, 1),
-                    "error": one_line(exc),
-                }
-            },
-        )
-        try:
-            await self.publisher.delayed(queue, message.body, delay, **props)
-        except BROKER_ERRORS:
-            return await self._after_failed_publish(message, "retry")
-        return "retried" if await self._ack(message) == "acked" else "redelivered"
-
-    async def _dead_letter(
-        self, queue: str, message: AbstractIncomingMessage, reason: str, error: object
-    ) -> str:
-        now = datetime.now(UTC)
-        text = one_line(error) if isinstance(error, BaseException) else str(error)
-        props = _properties(message)
-        props["headers"].update(
-            {
-                "x-ikw-reason": reason,
-                "x-ikw-error": text,
-                "x-ikw-attempts": _attempt(message),
-                "x-ikw-source-queue": queue,
-                "x-ikw-routing-key": _original_routing_key(message),
-                "x-ikw-first-failed-at": (_first_failed_at(message) or now).isoformat(),
-                "x-ikw-dead-lettered-at": now.isoformat(),
-            }
-        )
-        props["headers"].pop("x-ikw-last-error", None)
-        try:
-            await self.publisher.to_queue(self.names.dead, message.body, **props)
-        except BROKER_ERRORS:
-            return await self._after_failed_publish(message, "dead letter")
-        log.warning(
-            "dead-lettered", extra={"ctx": {"queue": queue, "reason": reason, "error": text}}
-        )
-        self.metrics.dead_letters.labels(reason).inc()
-        return "dead_lettered" if await self._ack(message) == "acked" else "redelivered"
+    def _count(self, outcome: Outcome, ctx: dict[str, Any]) -> None:
+        ctx.update(_describe(outcome))
+        if outcome.action is Action.GRANTED:
+            self.metrics.keys.labels("minted" if outcome.minted else "reused").inc()
+            if outcome.channel:
+                self.metrics.deliveries.labels(outcome.channel).inc()
+        self.metrics.keys.labels("deleted").inc(outcome.deleted)
 
 
 def _describe(outcome: Outcome) -> dict[str, Any]:
-    fields = {"action": outcome.action, "channel": outcome.channel, "key_id": outcome.key_id}
+    fields = {
+        "action": str(outcome.action),
+        "channel": outcome.channel,
+        "key_id": outcome.key_id,
+        "deleted": outcome.deleted or None,
+    }
     return {k: v for k, v in fields.items() if v is not None} | {"minted": outcome.minted}
 
 
@@ -259,27 +316,6 @@ def _held(message: AbstractIncomingMessage) -> bool:
         return False
 
 
-def _attempt(message: AbstractIncomingMessage) -> int:
-    value = (message.headers or {}).get("x-ikw-attempt", 1)
-    return value if isinstance(value, int) and value >= 1 else 1
-
-
-def _first_failed_at(message: AbstractIncomingMessage) -> datetime | None:
-    value = (message.headers or {}).get("x-ikw-first-failed-at")
-    try:
-        return datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        return None
-
-
-def _original_routing_key(message: AbstractIncomingMessage) -> str:
-    value = (message.headers or {}).get("x-ikw-routing-key")
-    return value if isinstance(value, str) else (message.routing_key or "")
-
-
-def _properties(message: AbstractIncomingMessage) -> dict[str, Any]:
-    return {
-        "headers": clean_headers(message.headers),
-        "message_id": message.message_id,
-        "content_type": message.content_type,
-    }
+def _printable(text: str | None) -> str:
+    """Producers choose ids and routing keys: keep them short and printable in logs."""
+    return "".join(c if c.isprintable() else "?" for c in (text or "-")[:128])

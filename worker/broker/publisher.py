@@ -1,21 +1,17 @@
 """Confirmed, mandatory publishes: events, delayed messages (via the delay levels), dead letters."""
 
 import math
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, HeadersType
 
-from worker.broker.topology import LEVELS, Names
 from worker.events import KeyCleanup
-from worker.ports import InstantKey
+from worker.queues import LEVELS, Names
 
 MAX_DELAY = 2**LEVELS - 1  # seconds, about 8.5 years
-# Headers the broker adds when dead-lettering: a copy that keeps them would be seen as a
-# dead-letter cycle by the delay queues and dropped.
-BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
+CONFIRM_TIMEOUT = 15.0  # seconds to wait for the broker's confirm before calling it failed
 
 
 def delay_routing_key(seconds: float, queue: str) -> str:
@@ -24,15 +20,13 @@ def delay_routing_key(seconds: float, queue: str) -> str:
     return ".".join(format(whole, f"0{LEVELS}b")) + "." + queue
 
 
-def clean_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (headers or {}).items() if not k.startswith(BROKER_HEADERS)}
-
-
 class Publisher:
-    def __init__(self, channel: AbstractChannel, names: Names) -> None:
-        """``channel`` must be opened with publisher_confirms and on_return_raises."""
+    def __init__(self, channel: AbstractChannel, names: Names, user_id: str | None = None) -> None:
+        """``channel`` must be opened with publisher_confirms and on_return_raises. ``user_id``
+        is the connection's user: the broker checks it, so consumers can trust it."""
         self.channel = channel
         self.names = names
+        self.user_id = user_id
         self._exchanges: dict[str, AbstractExchange] = {}
 
     async def _exchange(self, name: str) -> AbstractExchange:
@@ -60,9 +54,10 @@ class Publisher:
             content_type=content_type,
             message_id=message_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=self.user_id,
         )
         target = await self._exchange(exchange)
-        await target.publish(message, routing_key, mandatory=True)
+        await target.publish(message, routing_key, mandatory=True, timeout=CONFIRM_TIMEOUT)
 
     async def publish_event(self, routing_key: str, body: bytes, message_id: str) -> None:
         await self.publish(self.names.exchange, routing_key, body, message_id=message_id)
@@ -75,15 +70,17 @@ class Publisher:
         top = self.names.delay(LEVELS - 1)
         await self.publish(top, delay_routing_key(seconds, queue), body, **kwargs)
 
-    async def schedule_cleanup(self, key: InstantKey) -> None:
+    async def schedule_cleanup(
+        self, instant_key_id: str, user_identity_id: str, expires_at: datetime
+    ) -> None:
         body = KeyCleanup(
             type="instant_key.cleanup",
             version=1,
-            instant_key_id=key.instant_key_id,
-            user_identity_id=key.user_identity_id,
-            expires_at=key.expires_at,
+            instant_key_id=instant_key_id,
+            user_identity_id=user_identity_id,
+            expires_at=expires_at,
         ).model_dump_json()
-        seconds = (key.expires_at - datetime.now(UTC)).total_seconds()
+        seconds = (expires_at - datetime.now(UTC)).total_seconds()
         await self.delayed(
-            self.names.cleanup, body.encode(), seconds, message_id=f"cleanup-{key.instant_key_id}"
+            self.names.cleanup, body.encode(), seconds, message_id=f"cleanup-{instant_key_id}"
         )

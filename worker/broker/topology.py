@@ -1,60 +1,18 @@
 """Every exchange, queue and binding of one namespace, declared idempotently at start."""
 
-from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, ExchangeType
 
-LEVELS = 28  # delay levels: 2^0 s .. 2^27 s, so delays up to 2^28 - 1 s
-DELIVERY_LIMIT = 5  # a message that kills the worker this often is dead-lettered
+from worker.queues import DELIVERY_LIMIT, LEVELS, Names
 
+REVOKE_RETENTION = timedelta(days=30)
+# Stream retention drops whole segments only: small segments let x-max-age take effect.
+FENCE_SEGMENT_BYTES = 1_000_000
 
-@dataclass(frozen=True)
-class Names:
-    namespace: str = "instant_keys"
-
-    @property
-    def exchange(self) -> str:
-        return self.namespace
-
-    @property
-    def grants(self) -> str:
-        return f"{self.namespace}.grants"
-
-    @property
-    def revocations(self) -> str:
-        return f"{self.namespace}.revocations"
-
-    @property
-    def cleanup(self) -> str:
-        return f"{self.namespace}.cleanup"
-
-    @property
-    def dead(self) -> str:
-        return f"{self.namespace}.dead"
-
-    @property
-    def deliver(self) -> str:
-        return f"{self.namespace}.delay.deliver"
-
-    def delay(self, level: int) -> str:
-        return f"{self.namespace}.delay.{level:02d}"
-
-    @property
-    def work_queues(self) -> dict[str, str | None]:
-        """Work queue -> the routing key producers use for it (None: internal only)."""
-        return {
-            self.grants: "access.granted",
-            self.revocations: "access.revoked",
-            self.cleanup: None,
-        }
-
-    def all_queues(self) -> list[str]:
-        return [*self.work_queues, self.dead, *(self.delay(n) for n in range(LEVELS))]
-
-    def all_exchanges(self) -> list[str]:
-        return [self.exchange, self.deliver, *(self.delay(n) for n in range(LEVELS))]
+__all__ = ["LEVELS", "Names", "check", "declare", "delete", "describe", "plan"]
 
 
 def _level_pattern(level: int, bit: str) -> str:
@@ -62,13 +20,29 @@ def _level_pattern(level: int, bit: str) -> str:
     return "*." * (LEVELS - 1 - level) + bit + ".#"
 
 
-def plan(names: Names) -> list[tuple[str, str, dict[str, Any]]]:
-    """The topology as (kind, name, details) rows, for declaring, printing and checking."""
+def plan(
+    names: Names, revoke_retention: timedelta = REVOKE_RETENTION
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """The topology as (kind, name, details) rows, for declaring, printing and checking.
+    An exchange's details are its type and its arguments."""
     quorum = {"x-queue-type": "quorum"}
     rows: list[tuple[str, str, dict[str, Any]]] = [
-        ("exchange", names.exchange, {"type": "topic"}),
+        # An event no queue takes goes to the alternate exchange and is kept as a dead letter.
+        ("exchange", names.exchange, {"type": "topic", "alternate-exchange": names.unroutable}),
+        ("exchange", names.unroutable, {"type": "fanout"}),
+        ("queue", names.unroutable, dict(quorum)),
+        ("binding", names.unroutable, {"exchange": names.unroutable, "key": "#"}),
         ("exchange", names.deliver, {"type": "topic"}),
         ("queue", names.dead, dict(quorum)),
+        (
+            "queue",
+            names.fence,
+            {
+                "x-queue-type": "stream",
+                "x-max-age": f"{max(1, int(revoke_retention.total_seconds()))}s",
+                "x-stream-max-segment-size-bytes": FENCE_SEGMENT_BYTES,
+            },
+        ),
     ]
     for queue, routing_key in names.work_queues.items():
         arguments = {
@@ -100,13 +74,18 @@ def plan(names: Names) -> list[tuple[str, str, dict[str, Any]]]:
     return rows
 
 
-async def declare(channel: AbstractChannel, names: Names) -> None:
+async def declare(
+    channel: AbstractChannel, names: Names, revoke_retention: timedelta = REVOKE_RETENTION
+) -> None:
     exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
     queues: dict[str, aio_pika.abc.AbstractQueue] = {}
-    rows = plan(names)
+    rows = plan(names, revoke_retention)
     for kind, name, details in rows:
         if kind == "exchange":
-            exchanges[name] = await channel.declare_exchange(name, ExchangeType.TOPIC, durable=True)
+            kind_of, arguments = details["type"], {k: v for k, v in details.items() if k != "type"}
+            exchanges[name] = await channel.declare_exchange(
+                name, ExchangeType(kind_of), durable=True, arguments=arguments
+            )
         elif kind == "queue":
             queues[name] = await channel.declare_queue(name, durable=True, arguments=details)
     for kind, name, details in rows:

@@ -1,0 +1,83 @@
+"""The names of one namespace's exchanges and queues, and which message type each queue takes."""
+
+from dataclasses import dataclass
+
+LEVELS = 28  # delay levels: 2^0 s .. 2^27 s, so delays up to 2^28 - 1 s
+DELIVERY_LIMIT = 5  # a message that kills the worker this often is dead-lettered
+
+
+@dataclass(frozen=True)
+class Names:
+    namespace: str = "instant_keys"
+
+    @property
+    def exchange(self) -> str:
+        return self.namespace
+
+    @property
+    def grants(self) -> str:
+        return f"{self.namespace}.grants"
+
+    @property
+    def revocations(self) -> str:
+        return f"{self.namespace}.revocations"
+
+    @property
+    def cleanup(self) -> str:
+        return f"{self.namespace}.cleanup"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.namespace}.dead"
+
+    @property
+    def deliver(self) -> str:
+        return f"{self.namespace}.delay.deliver"
+
+    @property
+    def fence(self) -> str:
+        """The stream of revokes every replica replays: a revoke wins over older grants."""
+        return f"{self.namespace}.fence"
+
+    @property
+    def unroutable(self) -> str:
+        """The main exchange's alternate exchange, and its queue, for events no queue takes."""
+        return f"{self.namespace}.unroutable"
+
+    def delay(self, level: int) -> str:
+        return f"{self.namespace}.delay.{level:02d}"
+
+    @property
+    def work_queues(self) -> dict[str, str | None]:
+        """Work queue -> the routing key producers use for it (None: internal only)."""
+        return {
+            self.grants: "access.granted",
+            self.revocations: "access.revoked",
+            self.cleanup: None,
+        }
+
+    @property
+    def takes(self) -> dict[str, str]:
+        """Work queue -> the one message type it accepts."""
+        return {
+            self.grants: "access.granted",
+            self.revocations: "access.revoked",
+            self.cleanup: "instant_key.cleanup",
+        }
+
+    def all_queues(self) -> list[str]:
+        return [
+            *self.work_queues,
+            self.dead,
+            self.unroutable,
+            self.fence,
+            *(self.delay(n) for n in range(LEVELS)),
+        ]
+
+    def all_exchanges(self) -> list[str]:
+        return [
+            self.exchange,
+            self.unroutable,
+            self.deliver,
+            *(self.delay(n) for n in range(LEVELS)),
+        ]
