@@ -1,5 +1,6 @@
 """Settings read from the environment and validated at start, with one plain line per problem."""
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 
 class ConfigError(Exception):
@@ -31,6 +32,7 @@ class EmailSettings:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tls: Literal["none", "starttls", "tls"] = "starttls"
+    ca_file: str | None = None
 
 
 # broker user -> the user_identity_key prefixes it may name (None: any identity)
@@ -120,7 +122,9 @@ class _Reader:
         if raw is None:
             return default
         if raw.lower() not in _FLAGS:
-            self.problems.append(f"{name}: must be true or false, got {raw[:40]!r}")
+            self.problems.append(
+                f"{name}: must be true or false (or 1, 0, yes, no), got {raw[:40]!r}"
+            )
             return default
         return _FLAGS[raw.lower()]
 
@@ -175,6 +179,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             "TWILIO_ACCOUNT_SID / SMTP_HOST: no delivery channel is configured; set the "
             "TWILIO_* variables for SMS or SMTP_HOST and EMAIL_FROM for email"
         )
+    _transport(r, settings)
     if r.problems:
         raise ConfigError("\n".join(r.problems))
     return settings
@@ -255,9 +260,72 @@ def _email(r: _Reader) -> EmailSettings | None:
     username, password = r.text("SMTP_USERNAME"), r.text("SMTP_PASSWORD")
     if bool(username) != bool(password):
         r.problems.append("SMTP_USERNAME and SMTP_PASSWORD: set both or neither")
+    ca_file = r.text("SMTP_CA_FILE")
+    if ca_file is not None:
+        try:
+            with open(ca_file, "rb") as readable:
+                readable.read(1)
+        except OSError as exc:
+            r.problems.append(f"SMTP_CA_FILE: cannot read {ca_file}: {exc.strerror}")
     return EmailSettings(
-        host, port, sender, username, password, cast(Literal["none", "starttls", "tls"], tls)
+        host,
+        port,
+        sender,
+        username,
+        password,
+        cast(Literal["none", "starttls", "tls"], tls),
+        ca_file,
     )
+
+
+_INSECURE_HINT = "or set IKW_ALLOW_INSECURE=1"
+
+
+def _transport(r: _Reader, settings: Settings) -> None:
+    """Refuse plaintext or unverified transport to a host that is not loopback, unless
+    IKW_ALLOW_INSECURE says so."""
+    if r.flag("IKW_ALLOW_INSECURE", False):
+        return
+    amqp = urlsplit(settings.amqp_url)
+    if not _loopback(amqp.hostname):
+        if amqp.scheme == "amqp":
+            r.problems.append(
+                f"AMQP_URL: plaintext amqp:// to a host that is not loopback; use amqps:// "
+                f"{_INSECURE_HINT}"
+            )
+        verify = parse_qs(amqp.query, keep_blank_values=True).get("no_verify_ssl", [])
+        if amqp.scheme == "amqps" and any(value != "0" for value in verify):
+            r.problems.append(
+                f"AMQP_URL: no_verify_ssl turns off the broker's certificate check; drop it "
+                f"(cafile= names a private CA) {_INSECURE_HINT}"
+            )
+    urls = {"SEAM_ENDPOINT": settings.seam_endpoint}
+    if settings.sms:
+        urls["TWILIO_API_URL"] = settings.sms.api_url
+    for name, url in urls.items():
+        parts = urlsplit(url)
+        if parts.scheme == "http" and not _loopback(parts.hostname):
+            r.problems.append(
+                f"{name}: plain http:// to a host that is not loopback; use https:// "
+                f"{_INSECURE_HINT}"
+            )
+    email = settings.email
+    if email and email.password and email.tls == "none" and not _loopback(email.host):
+        r.problems.append(
+            f"SMTP_PASSWORD: would be sent in clear (SMTP_TLS is none and SMTP_HOST is not "
+            f"loopback); use SMTP_TLS=starttls or tls {_INSECURE_HINT}"
+        )
+
+
+def _loopback(host: str | None) -> bool:
+    """127.0.0.0/8, ::1 or localhost."""
+    name = (host or "").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def broker_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -266,6 +334,7 @@ def broker_settings(env: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(
         amqp_url=r.url("AMQP_URL", Settings.amqp_url, ("amqp", "amqps")), namespace=_namespace(r)
     )
+    _transport(r, settings)
     if r.problems:
         raise ConfigError("\n".join(r.problems))
     return settings

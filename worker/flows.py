@@ -10,6 +10,7 @@ from enum import StrEnum
 
 from worker.errors import Abandoned, ChannelRefused, Permanent, SeamRejected, Transient
 from worker.events import AccessGranted, AccessRevoked, IdentityRef, KeyCleanup
+from worker.guest_name import clean_name
 from worker.logs import mask_email, mask_phone
 from worker.ports import Channel, Fence, InstantKey, KeyMessage, Scheduler, Seam, UserIdentity
 
@@ -216,7 +217,7 @@ class Flows:
         guest = event.user_identity
         identity = await self.seam.create_user_identity(
             user_identity_key=guest.user_identity_key,
-            full_name=guest.full_name,
+            full_name=clean_name(guest.full_name),  # a stranger wrote it: Seam shows it too
             email_address=email_address,
             phone_number=phone_number,
         )

@@ -25,6 +25,7 @@ Json = dict[str, Any]
 T = TypeVar("T")
 
 _ERROR_TYPE = re.compile(r"^[a-z0-9_]{1,64}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class SeamClient:
@@ -146,7 +147,7 @@ class SeamClient:
         except aiohttp.ClientError as exc:
             detail = " ".join(str(exc).split())
             raise Transient(f"seam {path} failed: {type(exc).__name__} {detail}") from exc
-        request_id = response.headers.get("seam-request-id", "none")
+        request_id = _request_id(response.headers.get("seam-request-id"))
         try:
             data = json.loads(raw)
         except ValueError:
@@ -161,6 +162,14 @@ class SeamClient:
             pass
         message = f"seam {path} answered 200 with an unexpected body, request id {request_id}"
         raise Transient(message)
+
+
+def _request_id(header: str | None) -> str:
+    """The ``seam-request-id`` as errors and dead-letter headers quote it: only a well-formed id
+    (it comes from the network, so it could carry anything), else ``invalid``."""
+    if header is None:
+        return "none"
+    return header if _REQUEST_ID.fullmatch(header) else "invalid"
 
 
 def _failure(

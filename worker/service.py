@@ -47,7 +47,13 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
     if settings.email:
         e = settings.email
         channels["email"] = EmailChannel(
-            e.host, e.port, sender=e.sender, username=e.username, password=e.password, tls=e.tls
+            e.host,
+            e.port,
+            sender=e.sender,
+            username=e.username,
+            password=e.password,
+            tls=e.tls,
+            cert_bundle=e.ca_file,
         )
     return channels
 

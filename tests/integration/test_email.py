@@ -3,18 +3,23 @@
 import shutil
 import subprocess
 import traceback
+import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import getaddresses
 from typing import Literal
 
 import pytest
 
+from worker import config
 from worker.channels import EmailChannel
 from worker.errors import ChannelRefused, CredentialsRefused, Transient
 from worker.ports import KeyMessage
 from worker.sandbox.smtp import SmtpSandbox
+from worker.service import build_channels
 
 SENDER = "Front desk <keys@example.com>"
 GUEST = "ada@example.com"
@@ -225,3 +230,104 @@ async def test_soak_failure_rate_makes_every_send_transient(smtp: SmtpSandbox) -
 
     assert "451" in str(raised.value)
     assert smtp.messages == []
+
+
+FOLDED_ATTACK = (
+    "Ada Lovelace and so on and so forth and so on and so forth and so forth: "
+    "attacker@evil.example, x"
+)
+HIDDEN = "\u202eAda\u200b Love\x1b\x07\x00lace\u2066\ufeff"
+
+
+def addresses(mail: EmailMessage) -> tuple[list[str], list[str]]:
+    """The To addresses as the strict parser and as the lenient one read them."""
+    return (
+        [a.addr_spec for a in mail["To"].addresses],
+        [spec for _, spec in getaddresses([str(mail["To"])])],
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        FOLDED_ATTACK,
+        "x" * 70 + ": attacker@evil.example, y",
+        "Lovelace, Ada <attacker@evil.example>",
+        'Ada "Countess" Lovelace of Lovelace and of Ockham and so forth: a@evil.example, b',
+        "Zoë Ñúñez " * 12 + ": attacker@evil.example, x",
+    ],
+)
+@pytest.mark.parametrize("cleaned", [True, False], ids=["cleaned", "raw"])
+async def test_to_and_envelope_name_the_guest_only(
+    smtp: SmtpSandbox, monkeypatch: pytest.MonkeyPatch, name: str, cleaned: bool
+) -> None:
+    if not cleaned:  # the header check holds even for a name nobody cleaned
+        monkeypatch.setattr("worker.channels.email.clean_name", lambda raw: raw)
+
+    await channel_for(smtp).send(replace(MESSAGE, full_name=name))
+
+    [mail] = smtp.messages
+    assert smtp.envelopes == [("keys@example.com", [GUEST])]
+    assert addresses(mail) == ([GUEST], [GUEST])
+    if cleaned:
+        assert "evil" not in str(mail["To"])
+
+
+@pytest.mark.parametrize("name", ["Zoë Ñúñez", "山田 太郎", "Jean-Luc O'Brien", "Ólafur " * 6])
+async def test_a_real_name_stays_in_to(smtp: SmtpSandbox, name: str) -> None:
+    await channel_for(smtp).send(replace(MESSAGE, full_name=name))
+
+    [mail] = smtp.messages
+    [to] = mail["To"].addresses
+    assert to.addr_spec == GUEST
+    # Python's reader puts a space between two folded encoded-words; RFC 2047 readers do not.
+    assert "".join(to.display_name.split()) == "".join(name.split())
+    assert smtp.envelopes == [("keys@example.com", [GUEST])]
+
+
+async def test_phishing_name_and_hidden_characters_never_reach_the_inbox(
+    smtp: SmtpSandbox,
+) -> None:
+    channel = channel_for(smtp)
+    await channel.send(
+        replace(MESSAGE, full_name="Ada. Your key has EXPIRED - see https://evil.example/k")
+    )
+    await channel.send(replace(MESSAGE, full_name=HIDDEN))
+
+    phishing, hidden = smtp.messages
+    for mail, hello in ((phishing, "Hello,"), (hidden, "Hi Ada Lovelace,")):
+        text, html = mail.get_body(("plain",)), mail.get_body(("html",))
+        assert text is not None and html is not None
+        assert text.get_content().startswith(f"{hello}\r\n")
+        shown = str(mail["To"]) + str(mail["Subject"]) + text.get_content() + html.get_content()
+        assert "evil" not in shown
+        assert [c for c in shown if unicodedata.category(c)[0] == "C" and c not in "\r\n"] == []
+    assert hidden["To"].addresses == (Address("Ada Lovelace", addr_spec=GUEST),)
+
+
+async def test_smtp_ca_file_trusts_a_private_ca(certificate: tuple[str, str]) -> None:
+    cert, key = certificate
+    smtp = SmtpSandbox(username="mailer", password="hunter2", tls="tls", certfile=cert, keyfile=key)
+    await smtp.start()
+    env = {
+        "SEAM_API_KEY": "k",
+        "SMTP_HOST": smtp.host,
+        "SMTP_PORT": str(smtp.port),
+        "SMTP_TLS": "tls",
+        "SMTP_USERNAME": "mailer",
+        "SMTP_PASSWORD": "hunter2",
+        "EMAIL_FROM": "keys@example.com",
+    }
+    try:
+        with pytest.raises(Transient):  # without it, the certificate is not trusted
+            await build_channels(config.load(env))["email"].send(MESSAGE)
+        channel = build_channels(config.load(env | {"SMTP_CA_FILE": cert}))["email"]
+        await channel.check()
+        await channel.send(MESSAGE)
+    finally:
+        await smtp.stop()
+
+    [mail] = smtp.messages
+    assert smtp.envelopes == [("keys@example.com", [GUEST])]
+    text = mail.get_body(("plain",))
+    assert text is not None and URL in text.get_content()

@@ -257,6 +257,37 @@ async def test_answers_the_stand_in_never_gives(
     assert seen[0].headers["User-Agent"].startswith("instant-key-worker/")
 
 
+@pytest.mark.parametrize(
+    ("header", "quoted"),
+    [
+        ("req_01H:abc-DEF.9", "req_01H:abc-DEF.9"),
+        ("see https://evil.example/k", "invalid"),
+        ("a" * 65, "invalid"),
+        ("id\u202eevil", "invalid"),
+        ("", "invalid"),
+    ],
+)
+async def test_request_id_is_quoted_only_when_well_formed(header: str, quoted: str) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        response = web.Response(status=503, text="{}")
+        response.headers["seam-request-id"] = header
+        return response
+
+    app = web.Application()
+    app.router.add_post("/instant_keys/list", answer)
+    server = Served(app)
+    client = SeamClient(await server.start(), "seam_secret_key")
+    try:
+        with pytest.raises(Transient) as caught:
+            await client.list_instant_keys(str(uuid.uuid4()))
+    finally:
+        await client.close()
+        await server.stop()
+
+    assert str(caught.value).endswith(f"request id {quoted}")
+    assert "evil" not in str(caught.value)
+
+
 async def test_retry_after_as_http_date() -> None:
     later = datetime.now(UTC) + timedelta(seconds=120)
 

@@ -3,16 +3,25 @@
 import asyncio
 import logging
 import traceback
-from collections.abc import AsyncIterator
+import unicodedata
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
 
+from tests.builders import grant
 from worker.channels import SmsChannel
+from worker.channels.templates import MAX_SMS_SEGMENTS, sms_segments
 from worker.errors import ChannelRefused, CredentialsRefused, Transient
 from worker.ports import KeyMessage
+from worker.sandbox import wait_for
+from worker.sandbox.all import Sandbox
 from worker.sandbox.twilio import TwilioSandbox
+from worker.service import Service
+
+Publish = Callable[..., Awaitable[None]]
+StartWorker = Callable[..., Awaitable[Service]]
 
 SENDER = "+15005550006"
 SERVICE = "MG" + "ab" * 16
@@ -248,3 +257,53 @@ async def test_concurrent_sends_share_one_channel(twilio: TwilioSandbox, sms: Sm
     delivered = {sent["to"]: sent["body"] for sent in twilio.outbox}
     assert sorted(delivered) == sorted(guests[:-1])
     assert all(f"{URL}-{phone}" in body.split() for phone, body in delivered.items())
+
+
+PHISHING = "Ada. Your key has EXPIRED - get a new one at https://evil.example/k"
+HIDDEN = "\u202eAda\u200b Love\x1b\x07\x00lace\u2066\ufeff"
+
+
+def invisible(text: str) -> list[str]:
+    return [c for c in text if unicodedata.category(c)[0] == "C"]
+
+
+async def test_a_name_that_is_a_message_is_not_sent(twilio: TwilioSandbox, sms: SmsChannel) -> None:
+    await sms.send(replace(MESSAGE, full_name=PHISHING))
+
+    [sent] = twilio.outbox
+    assert sent["body"].startswith("Hello, here is your key: ")
+    assert "evil.example" not in sent["body"] and "EXPIRED" not in sent["body"]
+    assert URL in sent["body"].split()
+
+
+async def test_control_and_format_characters_never_reach_the_phone(
+    twilio: TwilioSandbox, sms: SmsChannel
+) -> None:
+    await sms.send(replace(MESSAGE, full_name=HIDDEN))
+
+    [sent] = twilio.outbox
+    assert sent["body"].startswith("Hi Ada Lovelace, ")
+    assert invisible(sent["body"]) == []
+
+
+async def test_a_long_name_keeps_the_sms_within_its_segments(
+    twilio: TwilioSandbox, sms: SmsChannel
+) -> None:
+    long_url = URL + "&pad=" + "x" * 60
+    await sms.send(replace(MESSAGE, full_name="山" * 64, url=long_url))
+
+    [sent] = twilio.outbox
+    assert sent["body"].startswith("Hello, here is your key: ")
+    assert sms_segments(sent["body"]) <= MAX_SMS_SEGMENTS
+
+
+async def test_the_worker_greets_without_a_phishing_name(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish
+) -> None:
+    await start_worker()
+    await publish(grant(name=PHISHING, channels=("sms",)))
+
+    await wait_for(lambda: sandbox.twilio.outbox, 15, "the SMS")
+    [sent] = sandbox.twilio.outbox
+    assert sent["body"].startswith("Hello, here is your key: ")
+    assert "evil.example" not in sent["body"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import ConfigError, load
+from worker.config import ConfigError, broker_settings, load
 
 BASE = {"SEAM_API_KEY": "seam_key", "SMTP_HOST": "mail.example.com", "EMAIL_FROM": "k@example.com"}
 
@@ -120,3 +120,126 @@ def test_revokes_are_remembered_at_least_as_long_as_grants_are_retried() -> None
     with pytest.raises(ConfigError) as caught:
         load(BASE | {"IKW_REVOKE_RETENTION": "1h", "IKW_MAX_RETRY_AGE": "2h"})
     assert "IKW_REVOKE_RETENTION: must be at least IKW_MAX_RETRY_AGE" in str(caught.value)
+
+
+# Transport: plaintext or unverified to a host that is not loopback is refused at start.
+
+SMS = {
+    "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+    "TWILIO_AUTH_TOKEN": "t",
+    "TWILIO_FROM": "+15005550006",
+}
+SMTP_LOGIN = {"SMTP_USERNAME": "mailer", "SMTP_PASSWORD": "hunter2"}
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"SEAM_ENDPOINT": "http://seam.example.com"}, "SEAM_ENDPOINT"),
+        (SMS | {"TWILIO_API_URL": "http://api.twilio.example"}, "TWILIO_API_URL"),
+        ({"AMQP_URL": "amqp://u:p@rabbit.example.com/"}, "AMQP_URL"),
+        ({"AMQP_URL": "amqps://u:p@rabbit.example.com/?no_verify_ssl=1"}, "AMQP_URL"),
+        ({"AMQP_URL": "amqps://u:p@rabbit.example.com/?no_verify_ssl=false"}, "AMQP_URL"),
+        ({"AMQP_URL": "amqps://u:p@10.0.0.5/?no_verify_ssl=0&no_verify_ssl=1"}, "AMQP_URL"),
+        (SMTP_LOGIN | {"SMTP_TLS": "none"}, "SMTP_PASSWORD"),
+    ],
+)
+def test_insecure_transport_is_refused(env: dict[str, str], variable: str) -> None:
+    text = problems(BASE | env)
+    assert text.startswith(f"{variable}:")
+    assert "IKW_ALLOW_INSECURE=1" in text
+    assert len(text.splitlines()) == 1
+    assert "hunter2" not in text and "u:p" not in text
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SEAM_ENDPOINT": "http://seam.example.com"},
+        SMS | {"TWILIO_API_URL": "http://api.twilio.example"},
+        {"AMQP_URL": "amqp://u:p@rabbit.example.com/"},
+        {"AMQP_URL": "amqps://u:p@rabbit.example.com/?no_verify_ssl=1"},
+        SMTP_LOGIN | {"SMTP_TLS": "none"},
+    ],
+)
+@pytest.mark.parametrize("allow", ["1", "true", "YES"])
+def test_insecure_transport_is_accepted_when_allowed(env: dict[str, str], allow: str) -> None:
+    load(BASE | env | {"IKW_ALLOW_INSECURE": allow})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "[::1]", "localhost", "LocalHost."])
+def test_loopback_hosts_may_be_plain(host: str) -> None:
+    settings = load(
+        BASE
+        | SMS
+        | SMTP_LOGIN
+        | {
+            "SEAM_ENDPOINT": f"http://{host}:8701",
+            "TWILIO_API_URL": f"http://{host}:8702",
+            "AMQP_URL": f"amqp://guest:guest@{host}:5672/",
+            "SMTP_HOST": host.strip("[]"),
+            "SMTP_TLS": "none",
+        }
+    )
+    assert settings.seam_endpoint.startswith("http://")
+    load(BASE | {"AMQP_URL": f"amqps://g:g@{host}/?no_verify_ssl=1"})
+
+
+def test_every_insecure_setting_has_its_own_line() -> None:
+    text = problems(
+        BASE
+        | SMS
+        | SMTP_LOGIN
+        | {
+            "AMQP_URL": "amqp://u:p@rabbit.example.com/",
+            "SEAM_ENDPOINT": "http://seam.example.com",
+            "TWILIO_API_URL": "http://api.twilio.example",
+            "SMTP_TLS": "none",
+            "IKW_ALLOW_INSECURE": "0",
+        }
+    )
+    assert [line.split(":")[0] for line in text.splitlines()] == [
+        "AMQP_URL",
+        "SEAM_ENDPOINT",
+        "TWILIO_API_URL",
+        "SMTP_PASSWORD",
+    ]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SMTP_TLS": "none"},  # no password to leak
+        SMTP_LOGIN | {"SMTP_TLS": "starttls"},
+        SMTP_LOGIN | {"SMTP_TLS": "tls"},
+        {"AMQP_URL": "amqps://u:p@rabbit.example.com/?cafile=/etc/ca.pem&no_verify_ssl=0"},
+        {"SEAM_ENDPOINT": "https://seam.example.com"},
+    ],
+)
+def test_secure_transport_passes(env: dict[str, str]) -> None:
+    load(BASE | env)
+
+
+def test_allow_insecure_must_be_a_yes_or_no() -> None:
+    assert problems(BASE | {"IKW_ALLOW_INSECURE": "maybe"}) == (
+        "IKW_ALLOW_INSECURE: must be true or false (or 1, 0, yes, no), got 'maybe'"
+    )
+
+
+def test_broker_commands_refuse_plaintext_amqp_too() -> None:
+    with pytest.raises(ConfigError) as caught:
+        broker_settings({"AMQP_URL": "amqp://u:p@rabbit.example.com/"})
+    assert str(caught.value).startswith("AMQP_URL: plaintext amqp://")
+    allowed = {"AMQP_URL": "amqp://u:p@rabbit.example.com/", "IKW_ALLOW_INSECURE": "1"}
+    assert broker_settings(allowed).amqp_url.startswith("amqp://")
+    assert broker_settings({"AMQP_URL": "amqp://g:g@127.0.0.1:5672/"}).namespace
+
+
+def test_smtp_ca_file_must_be_readable(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = load(BASE | {"SMTP_CA_FILE": str(ca)})
+    assert settings.email is not None and settings.email.ca_file == str(ca)
+    missing = problems(BASE | {"SMTP_CA_FILE": str(tmp_path / "absent.pem")})
+    assert missing.startswith("SMTP_CA_FILE: cannot read")
+    assert problems(BASE | {"SMTP_CA_FILE": str(tmp_path)}).startswith("SMTP_CA_FILE: cannot read")

@@ -1,11 +1,19 @@
 """What the guest reads: locale fallback, the expiry time, escaping."""
 
+import unicodedata
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from worker.channels.templates import format_expiry, language, render_email, render_sms
+from worker.channels.templates import (
+    MAX_SMS_SEGMENTS,
+    format_expiry,
+    language,
+    render_email,
+    render_sms,
+    sms_segments,
+)
 from worker.ports import KeyMessage
 
 URL = "https://ik.example.com/k/ik_7Hq2?token=a&v=2"
@@ -115,7 +123,7 @@ def test_email_subject_is_localised(locale: str, subject: str) -> None:
     assert render_email(replace(MESSAGE, locale=locale))[0] == subject
 
 
-def test_html_escapes_the_name_and_the_link() -> None:
+def test_html_escapes_the_link_and_drops_a_name_that_is_markup() -> None:
     hostile = replace(
         MESSAGE,
         full_name='<script>alert("x")</script> & Bob',
@@ -124,7 +132,83 @@ def test_html_escapes_the_name_and_the_link() -> None:
     _, text, html = render_email(hostile)
 
     assert "<script>" not in html and "<img" not in html
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; Bob" in html
+    assert "script" not in text + html
+    assert "<p>Hello,</p>" in html and text.startswith("Hello,\n")
     assert 'href="https://ik.example.com/k/&quot;&gt;&lt;img src=x&gt;"' in html
-    # the plain-text part shows them as they are
-    assert '<script>alert("x")</script> & Bob' in text
+
+
+def test_html_escapes_an_apostrophe_in_a_name() -> None:
+    _, text, html = render_email(replace(MESSAGE, full_name="Jean-Luc O'Brien"))
+    assert text.startswith("Hi Jean-Luc O'Brien,\n")
+    assert "<p>Hi Jean-Luc O&#x27;Brien,</p>" in html
+
+
+PHISHING = "Ada. Your key has EXPIRED - get a new one at https://evil.example/k"
+
+
+@pytest.mark.parametrize("locale", ["en", "fr", "es", "de"])
+def test_a_name_that_is_a_message_is_left_out(locale: str) -> None:
+    message = replace(MESSAGE, full_name=PHISHING, locale=locale)
+    sms = render_sms(message)
+    subject, text, html = render_email(message)
+    hello = render_sms(replace(message, full_name=None))
+    assert sms == hello
+    for part in (sms, subject, text, html):
+        assert "evil" not in part and "EXPIRED" not in part
+
+
+def test_invisible_and_control_characters_never_reach_the_guest() -> None:
+    message = replace(MESSAGE, full_name="\u202eAda\u200b Love\x1b\x07\x00lace\u2066")
+    sms = render_sms(message)
+    _, text, html = render_email(message)
+    assert sms.startswith("Hi Ada Lovelace, ")
+    assert text.startswith("Hi Ada Lovelace,\n")
+    for part in (sms, text, html):
+        assert not any(unicodedata.category(c) in ("Cf", "Co", "Cs", "Cn") for c in part)
+        assert not any(unicodedata.category(c) == "Cc" and c != "\n" for c in part)
+
+
+@pytest.mark.parametrize(
+    ("text", "segments"),
+    [
+        ("", 1),
+        ("a" * 160, 1),
+        ("a" * 161, 2),
+        ("a" * 306, 2),
+        ("a" * 307, 3),
+        ("é" * 160, 1),  # in the GSM alphabet
+        ("€" * 80, 1),  # extension table: two septets each
+        ("€" * 81, 2),
+        ("í" * 70, 1),  # not in GSM-7: UCS-2
+        ("í" * 71, 2),
+        ("a" * 134 + "í", 3),
+        ("🙂" * 35, 1),  # two UTF-16 units each
+        ("🙂" * 36, 2),
+    ],
+)
+def test_sms_segments(text: str, segments: int) -> None:
+    assert sms_segments(text) == segments
+
+
+def test_a_name_that_would_make_the_sms_too_long_is_left_out() -> None:
+    url = "https://ik.example.com/k/" + "x" * 55
+    short = replace(MESSAGE, url=url, full_name="山田 太郎")
+    assert render_sms(short).startswith("Hi 山田 太郎, ")
+    long = "山" * 64
+    with_long = f"Hi {long}, here is your key: {url} It works until 26 Nov 2026, 14:00 UTC."
+    assert sms_segments(with_long) > MAX_SMS_SEGMENTS  # UCS-2, past three segments
+    sms = render_sms(replace(short, full_name=long))
+    assert sms.startswith("Hello, here is your key: ")
+    assert sms_segments(sms) <= MAX_SMS_SEGMENTS
+
+
+@pytest.mark.parametrize("locale", ["en", "fr", "es", "de"])
+def test_every_locale_fits_the_segment_limit_with_a_long_name(locale: str) -> None:
+    for name in (
+        "A" * 64,
+        "Ñ" * 64,
+        "山" * 64,
+        "Анастасия-Мария Константиновна Шереметьева-Голицына",
+    ):
+        sms = render_sms(replace(MESSAGE, full_name=name, locale=locale))
+        assert sms_segments(sms) <= MAX_SMS_SEGMENTS

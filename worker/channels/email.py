@@ -1,16 +1,20 @@
 """Email delivery over SMTP (aiosmtplib): one message with plain-text and HTML alternatives."""
 
 from datetime import UTC, datetime
+from email import policy
 from email.errors import HeaderParseError
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid, parseaddr
+from email.parser import Parser
+from email.policy import Policy
+from email.utils import format_datetime, getaddresses, make_msgid, parseaddr
 from typing import Any, Literal
 
 import aiosmtplib
 
 from worker.channels.templates import render_email
 from worker.errors import ChannelRefused, CredentialsRefused, Transient, WorkerError
+from worker.guest_name import clean_name
 from worker.ports import KeyMessage
 
 TlsMode = Literal["none", "starttls", "tls"]
@@ -60,7 +64,8 @@ class EmailChannel:
             raise ChannelRefused("the guest has no email address", code="no_email_address")
         email = self._compose(message)
         try:
-            await aiosmtplib.send(email, **self._connection)
+            # The envelope names the guest's address only, whatever the headers say.
+            await aiosmtplib.send(email, recipients=[message.email_address], **self._connection)
         except _FAILURES as exc:
             raise _translate(exc) from None
         return str(email["Message-ID"])
@@ -84,10 +89,7 @@ class EmailChannel:
         email["Subject"] = subject
         email["From"] = self._sender
         try:
-            email["To"] = Address(
-                display_name=" ".join((message.full_name or "").split()),
-                addr_spec=message.email_address,
-            )
+            email["To"] = recipient(clean_name(message.full_name), message.email_address)
         except (ValueError, IndexError, HeaderParseError):
             raise ChannelRefused(
                 "the email address cannot be used", code="invalid_address"
@@ -97,6 +99,45 @@ class EmailChannel:
         email.set_content(text)
         email.add_alternative(html, subtype="html")
         return email
+
+
+def recipient(name: str | None, address: str) -> Address:
+    """The ``To`` address, with the display name only when the header, serialised as it will be
+    sent (folded; ASCII or SMTPUTF8) and read back by a strict and a lenient parser, reads
+    exactly as the bare address does: one address, the guest's. Raises ValueError when the bare
+    address itself does not read back as one address."""
+    plain = Address(addr_spec=address)
+    bare = [_read_back(plain, sending) for sending in _SENDING]
+    if any(read is not None and (len(read[0]), len(read[1])) != (1, 1) for read in bare):
+        raise ValueError("the address does not read back as one address")
+    if not name:
+        return plain
+    try:
+        named = Address(display_name=name, addr_spec=address)
+        same = all(
+            _read_back(named, sending) == read for sending, read in zip(_SENDING, bare, strict=True)
+        )
+    except (ValueError, IndexError, HeaderParseError):  # a name the header cannot carry
+        return plain
+    return named if same else plain
+
+
+_SENDING = (policy.SMTP, policy.SMTPUTF8)  # what aiosmtplib serialises with
+
+
+def _read_back(to: Address, sending: Policy) -> tuple[list[str], list[str]] | None:
+    """The addresses in ``To: to`` once serialised with ``sending``, by the strict (email's
+    default policy) and the lenient (``getaddresses``) parser; None when it cannot be sent so."""
+    probe = EmailMessage(policy=sending)
+    probe["To"] = to
+    try:
+        raw = probe.as_bytes().decode("utf-8", "replace")
+    except (ValueError, UnicodeError):
+        return None
+    parsed = Parser(policy=policy.default).parsestr(raw, headersonly=True)
+    strict = [a.addr_spec for a in parsed["To"].addresses]
+    unfolded = raw.partition(":")[2].replace("\r\n", "")
+    return strict, [spec for _, spec in getaddresses([unfolded])]
 
 
 def _translate(exc: BaseException) -> WorkerError:

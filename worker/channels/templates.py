@@ -1,13 +1,25 @@
 """What the guest reads: the SMS text and the email (subject, text, HTML) per locale.
 
-Unknown locales fall back to their language (``fr-CA`` → ``fr``), then to English.
+Unknown locales fall back to their language (``fr-CA`` → ``fr``), then to English. The guest's
+name appears only as ``clean_name`` leaves it, and an SMS that the name would make longer than
+``MAX_SMS_SEGMENTS`` is sent without it.
 """
 
 import html
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from worker.guest_name import clean_name
 from worker.ports import KeyMessage
+
+MAX_SMS_SEGMENTS = 3
+
+# GSM 03.38: the default alphabet (one septet each) and its extension table (two septets each).
+_GSM_BASIC = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+_GSM_EXTENSION = frozenset("\f^{}\\[~]|€")
 
 
 @dataclass(frozen=True)
@@ -139,20 +151,34 @@ def format_expiry(moment: datetime, locale: str = "en") -> str:
     return texts.date.format(day=utc.day, month=month, year=utc.year, time=f"{utc:%H:%M}")
 
 
+def sms_segments(text: str) -> int:
+    """How many SMS segments ``text`` takes: GSM-7 (160 septets, 153 per part of a longer
+    message) when every character is in the GSM alphabet, else UCS-2 (70 UTF-16 units, 67)."""
+    if all(c in _GSM_BASIC or c in _GSM_EXTENSION for c in text):
+        units = len(text) + sum(c in _GSM_EXTENSION for c in text)
+        single, part = 160, 153
+    else:
+        units = len(text.encode("utf-16-le")) // 2
+        single, part = 70, 67
+    return 1 if units <= single else -(-units // part)
+
+
 def render_sms(message: KeyMessage) -> str:
+    """The SMS; without the guest's name when the name would take it past MAX_SMS_SEGMENTS."""
     texts = TEXTS[language(message.locale)]
-    return texts.sms.format(
-        hello=_hello(texts, message.full_name),
-        url=message.url,
-        expiry=format_expiry(message.expires_at, message.locale),
-    )
+    expiry = format_expiry(message.expires_at, message.locale)
+    name = clean_name(message.full_name)
+    text = texts.sms.format(hello=_hello(texts, name), url=message.url, expiry=expiry)
+    if name is not None and sms_segments(text) > MAX_SMS_SEGMENTS:
+        text = texts.sms.format(hello=texts.hello, url=message.url, expiry=expiry)
+    return text
 
 
 def render_email(message: KeyMessage) -> tuple[str, str, str]:
     """(subject, plain text, HTML)."""
     lang = language(message.locale)
     texts = TEXTS[lang]
-    hello = _hello(texts, message.full_name)
+    hello = _hello(texts, clean_name(message.full_name))
     expiry = format_expiry(message.expires_at, lang)
     text = texts.text.format(hello=hello, url=message.url, expiry=expiry)
     body = _HTML.format(
@@ -167,7 +193,6 @@ def render_email(message: KeyMessage) -> tuple[str, str, str]:
     return texts.subject, text, body
 
 
-def _hello(texts: Texts, full_name: str | None) -> str:
-    # Collapse whitespace so a name cannot break lines or the layout of a message.
-    name = " ".join((full_name or "").split())
+def _hello(texts: Texts, name: str | None) -> str:
+    """The greeting for a name ``clean_name`` has already cleaned."""
     return texts.hello_named.format(name=name) if name else texts.hello
