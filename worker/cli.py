@@ -2,38 +2,120 @@
 
 import argparse
 import asyncio
+import io
 import json
+import os
+import signal
 import sys
+import textwrap
 import uuid
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
+from typing import TextIO, cast
 
 import aio_pika
+import aiormq
 
 from worker import config, logs
 from worker.broker import topology
-from worker.broker.connect import BrokerUnreachable, connect
+from worker.broker.connect import BROKER_ERRORS, BadBrokerUrl, BrokerError, connect
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.errors import InvalidEvent
 from worker.events import parse
 
+# Exit codes, as documented in README ("Exit codes").
+OK = 0
+FAILED = 1  # the operation failed or was not confirmed; nothing more was done
+USAGE = 2  # fix the command line or the configuration (AMQP_URL, credentials, vhost...)
+INTERRUPTED = 130  # Ctrl-C (SIGINT)
+TERMINATED = 143  # SIGTERM
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ikw", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+EXIT_CODES = f"""exit codes:
+  {OK}    done
+  {FAILED}    the operation failed, or was not confirmed
+  {USAGE}    usage or configuration error (command line, environment, AMQP_URL, credentials)
+  {INTERRUPTED}  interrupted (Ctrl-C)
+  {TERMINATED}  terminated (SIGTERM)"""
 
-    commands.add_parser("run", help="run the worker, configured from the environment")
-    demo = commands.add_parser("demo", help="the whole job once, against the local stand-ins")
+
+class Failed(Exception):
+    """One line for the operator; ``exit_code`` says whose move it is."""
+
+    def __init__(self, message: str, exit_code: int = FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: the command was cancelled and its cleanups ran."""
+
+
+def version() -> str:
+    try:
+        return metadata.version("instant-key-worker")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def run_epilog() -> str:
+    width = max(len(name) for name, _ in config.VARIABLES)
+    rows = [f"  {name:<{width}}  {meaning}" for name, meaning in config.VARIABLES]
+    secrets = ", ".join(config.SECRETS)
+    return "\n".join(
+        [
+            "environment variables (checked at start; any problem: one line each, exit 2):",
+            *rows,
+            f"  {'NAME_FILE':<{width}}  a file holding NAME, for {secrets}",
+        ]
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    top = argparse.ArgumentParser(
+        prog="ikw",
+        description="instant-key-worker: turns booking events into delivered Seam Instant Keys.",
+        epilog=EXIT_CODES,
+        formatter_class=raw,
+    )
+    top.add_argument("--version", action="version", version=f"ikw {version()}")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, what: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = commands.add_parser(
+            name,
+            help=what,
+            description=textwrap.fill(what[0].upper() + what[1:] + ".", 79),
+            epilog=epilog,
+            formatter_class=raw,
+        )
+        return sub
+
+    command(
+        "run",
+        "run the worker, configured from the environment, until SIGTERM or SIGINT",
+        epilog=run_epilog(),
+    )
+    demo = command(
+        "demo",
+        "the whole job once, against the local stand-ins, in a namespace of its own that is "
+        "deleted at the end (also on Ctrl-C or SIGTERM); reads AMQP_URL",
+    )
     demo.add_argument("--key-lifetime", type=float, default=6.0, help="seconds (default 6)")
-    sandbox = commands.add_parser("sandbox", help="serve the Seam, Twilio and SMTP stand-ins")
+    sandbox = command("sandbox", "serve the Seam, Twilio and SMTP stand-ins and print their env")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--seam-port", type=int, default=8701)
     sandbox.add_argument("--twilio-port", type=int, default=8702)
     sandbox.add_argument("--smtp-port", type=int, default=8725)
     sandbox.add_argument("--key-lifetime", type=float, default=48 * 3600, help="seconds")
 
-    publish = commands.add_parser("publish", help="publish a valid event")
+    publish = command(
+        "publish",
+        "publish one valid access.granted or access.revoked event to the namespace's exchange "
+        "(reads AMQP_URL and IKW_NAMESPACE)",
+    )
     publish.add_argument("kind", choices=["grant", "revoke"])
     publish.add_argument("--key", dest="user_identity_key", help="user_identity_key")
     publish.add_argument("--id", dest="user_identity_id", help="user_identity_id")
@@ -45,44 +127,163 @@ def main(argv: list[str] | None = None) -> int:
     publish.add_argument("--locale", default="en")
     publish.add_argument("--max-use-count", type=int, default=1)
 
-    topo = commands.add_parser("topology", help="declare and print the RabbitMQ topology")
+    topo = command(
+        "topology",
+        "declare (idempotent) and print the namespace's exchanges and queues; or check, print "
+        "or delete them (reads AMQP_URL and IKW_NAMESPACE)",
+    )
     mode = topo.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="only report what is missing")
     mode.add_argument("--print", action="store_true", help="only print it, touch nothing")
-    mode.add_argument("--delete", action="store_true", help="delete the namespace's topology")
+    mode.add_argument(
+        "--delete",
+        action="store_true",
+        help="delete every queue and exchange of the namespace, with the dead letters and "
+        "expiry timers they hold; says what it would destroy and asks first",
+    )
+    topo.add_argument("--yes", action="store_true", help="--delete without asking")
 
-    schema = commands.add_parser("schema", help="write the JSON Schemas and AsyncAPI document")
+    schema = command("schema", "write the JSON Schemas and AsyncAPI document of the events")
     schema.add_argument("--out", type=Path, default=Path("schemas"))
     schema.add_argument("--check", action="store_true", help="fail when the files are stale")
 
     from worker import dlq
 
     dlq.add_parser(commands)
+    return top
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    real_stdout = sys.stdout
+    sys.stdout = stdout = cast(TextIO, PipeSafe(real_stdout))
     try:
-        return asyncio.run(_dispatch(args))
+        args = parser().parse_args(argv)
+        return asyncio.run(_main(args))
     except config.ConfigError as exc:
+        print(f"ikw: configuration error:\n{exc}", file=sys.stderr)  # a line per variable
+        return USAGE
+    except BadBrokerUrl as exc:  # told like the configuration's other problems
         print(f"ikw: configuration error:\n{exc}", file=sys.stderr)
-        return 2
-    except BrokerUnreachable as exc:
+        return USAGE
+    except (BrokerError, Failed) as exc:
         print(f"ikw: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except InvalidEvent as exc:
         print(f"ikw: the event would be invalid: {exc}", file=sys.stderr)
-        return 2
+        return USAGE
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        print(
+            f"ikw: RabbitMQ refused: {_reply(exc)}; give the user of AMQP_URL the permissions",
+            file=sys.stderr,
+        )
+        return USAGE
+    except aiormq.exceptions.ChannelClosed as exc:
+        print(f"ikw: RabbitMQ refused: {_reply(exc)}", file=sys.stderr)
+        return FAILED
+    except BROKER_ERRORS as exc:
+        print(f"ikw: lost the connection to RabbitMQ ({type(exc).__name__})", file=sys.stderr)
+        return FAILED
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
+    except Terminated:
+        return TERMINATED
+    finally:
+        stdout.flush()
+        sys.stdout = real_stdout
+
+
+def _reply(exc: aiormq.exceptions.ChannelClosed) -> str:
+    """The broker's reply text, e.g. "NOT_FOUND - no exchange 'x' in vhost '/'"."""
+    return str(exc.args[1]) if len(exc.args) > 1 else type(exc).__name__
+
+
+class PipeSafe(io.TextIOBase):
+    """stdout that a reader may close early (`ikw dlq list | head -1`): the rest of the output
+    is dropped, quietly, and the command still finishes what it started."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.gone = True
+        try:
+            # What is still buffered goes nowhere, and the interpreter's last flush succeeds.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._stream.encoding
+
+
+async def _main(args: argparse.Namespace) -> int:
+    """SIGTERM cancels the command like Ctrl-C does, so its cleanups run (`ikw run` installs
+    its own handler: a graceful stop)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        if task:
+            task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+    except (ValueError, RuntimeError):  # not the main thread (tests call main() in one)
+        task = None
+    try:
+        return await _dispatch(args)
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated from None
+        raise
+    finally:
+        if task:
+            loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        from worker.service import Service
+        from worker.service import Service, StartError
 
         logs.setup()
         settings = config.load()
-        await Service(settings).run()
-        return 0
+        try:
+            await Service(settings).run()
+        except StartError as exc:
+            raise Failed(str(exc), USAGE) from None
+        return OK
     if args.command == "demo":
         from worker.demo import demo
 
@@ -93,7 +294,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
         await serve_forever(
             args.host, args.seam_port, args.twilio_port, args.smtp_port, args.key_lifetime
         )
-        return 0
+        return OK
     if args.command == "schema":
         from worker import contract
 
@@ -101,48 +302,149 @@ async def _dispatch(args: argparse.Namespace) -> int:
             stale = contract.stale(args.out)
             for name in stale:
                 print(f"stale: {args.out / name} (run `make schemas`)")
-            return 1 if stale else 0
+            return FAILED if stale else OK
         for name in contract.write(args.out):
             print(f"wrote {args.out / name}")
-        return 0
+        return OK
     if args.command == "dlq":
         from worker import dlq
 
         return await dlq.run(args)
+    if args.command == "topology" and args.yes and not args.delete:
+        raise Failed("--yes goes with --delete only", USAGE)
     settings = config.broker_settings()
     names = Names(settings.namespace)
     if args.command == "topology" and args.print:
         print(topology.describe(names))
-        return 0
-    connection = await connect(settings.amqp_url)
+        return OK
+    # A bad flag is told before connecting.
+    event = grant_or_revoke(args) if args.command == "publish" else None
+    connection = await connect(settings.amqp_url, f"ikw {args.command}")
     async with connection:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         if args.command == "topology":
-            return await _topology(args, channel, names)
-        body, routing_key, event_id = grant_or_revoke(args)
-        await Publisher(channel, names, settings.broker_user).publish_event(
-            routing_key, body, event_id
-        )
-        print(f"published {routing_key} {event_id} to exchange {names.exchange}")
-        return 0
+            return await _topology(args, connection, names)
+        assert event is not None
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        return await _publish(channel, names, settings.broker_user, *event)
+
+
+async def _publish(
+    channel: aio_pika.abc.AbstractChannel,
+    names: Names,
+    user: str,
+    body: bytes,
+    key: str,
+    event_id: str,
+) -> int:
+    try:
+        # user_id names us to the worker; the broker refuses it unless it is our own user.
+        await Publisher(channel, names, user).publish_event(key, body, event_id)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise Failed(
+            f"exchange {names.exchange} does not exist; run `ikw topology` first "
+            "(or check IKW_NAMESPACE)"
+        ) from None
+    except aio_pika.exceptions.DeliveryError as exc:
+        why = "routed to no queue" if isinstance(exc, aiormq.exceptions.PublishError) else "nacked"
+        raise Failed(
+            f"{key} {event_id} was {why} by exchange {names.exchange}; run `ikw topology` "
+            "to declare and bind the queues"
+        ) from None
+    print(f"published {key} {event_id} to exchange {names.exchange}")
+    return OK
 
 
 async def _topology(
-    args: argparse.Namespace, channel: aio_pika.abc.AbstractChannel, names: Names
+    args: argparse.Namespace, connection: aio_pika.abc.AbstractRobustConnection, names: Names
 ) -> int:
+    channel = await connection.channel()
     if args.check:
         missing = await topology.check(channel, names)
         for line in missing:
             print(f"missing: {line}")
         print("topology complete" if not missing else f"{len(missing)} missing")
-        return 1 if missing else 0
+        return FAILED if missing else OK
     if args.delete:
-        await topology.delete(channel, names)
-        print(f"deleted the topology of namespace {names.namespace}")
-        return 0
+        return await _delete(args, connection, names)
     await topology.declare(channel, names)
     print(topology.describe(names))
-    return 0
+    return OK
+
+
+async def depths(connection: aio_pika.abc.AbstractRobustConnection, names: Names) -> dict[str, int]:
+    """Ready messages of each queue of the namespace that exists (passive declares)."""
+    channel = await connection.channel()
+    found: dict[str, int] = {}
+    try:
+        for name in names.all_queues():
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                await channel.reopen()
+                continue
+            found[name] = queue.declaration_result.message_count or 0
+    finally:
+        await channel.close()
+    return found
+
+
+def _at_stake(names: Names, found: dict[str, int]) -> list[str]:
+    delays = [name for name in found if name.startswith(f"{names.namespace}.delay.")]
+    rows = [
+        (found.get(names.dead), f"dead letters in {names.dead}"),
+        (
+            sum(found[name] for name in delays) if delays else None,
+            f"pending expiry timers and retries in {names.delay(0)} … .{topology.LEVELS - 1:02d}",
+        ),
+        (found.get(names.cleanup), f"due expiry timers in {names.cleanup}"),
+        (found.get(names.grants), f"grants waiting in {names.grants}"),
+        (found.get(names.revocations), f"revocations waiting in {names.revocations}"),
+    ]
+    return [f"  {count:>7}  {what}" for count, what in rows if count is not None]
+
+
+async def _delete(
+    args: argparse.Namespace, connection: aio_pika.abc.AbstractRobustConnection, names: Names
+) -> int:
+    from worker.dlq import _answer
+
+    found = await depths(connection, names)
+    held = sum(found.values())
+    if found and not args.yes:
+        print(
+            f"delete namespace {names.namespace}: {len(found)} queues and their exchanges, "
+            f"holding {held} ready messages:"
+        )
+        print("\n".join(_at_stake(names, found)))
+        timers = sum(n for q, n in found.items() if q.startswith(f"{names.namespace}.delay."))
+        if timers or found.get(names.cleanup):
+            print("Keys whose expiry timers are deleted are never deleted from Seam.")
+        if names.fence in found:
+            print(
+                f"The revokes remembered in {names.fence} are forgotten: a grant retried or "
+                "replayed later would no longer be refused."
+            )
+        if not sys.stdin or not sys.stdin.isatty():
+            print(
+                f"ikw topology: refusing to delete namespace {names.namespace} without "
+                "confirmation: stdin is not a terminal; pass --yes to confirm. "
+                "Nothing was changed.",
+                file=sys.stderr,
+            )
+            return FAILED
+        print(f"type the namespace ({names.namespace}) to delete it: ", end="", flush=True)
+        if (await _answer()).strip() != names.namespace:
+            print("not confirmed; nothing was changed")
+            return FAILED
+    channel = await connection.channel()
+    await topology.delete(channel, names)
+    await channel.close()
+    if not found:
+        print(f"namespace {names.namespace} had no queues; deleted its exchanges, if any")
+        return OK
+    lost = f", with {held} messages" if held else ""
+    print(f"deleted the topology of namespace {names.namespace} ({len(found)} queues{lost})")
+    return OK
 
 
 def grant_or_revoke(args: argparse.Namespace) -> tuple[bytes, str, str]:

@@ -10,6 +10,37 @@ from pathlib import Path
 from typing import Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
+# Every variable the reader below uses, for `ikw run --help`: add a row when you read a new one.
+VARIABLES: tuple[tuple[str, str], ...] = (
+    ("AMQP_URL", "RabbitMQ URL (default amqp://guest:guest@localhost:5672/)"),
+    ("IKW_NAMESPACE", "prefix of every exchange and queue (default instant_keys)"),
+    ("IKW_PREFETCH", "messages handled at once (default 32)"),
+    ("SEAM_ENDPOINT", "Seam API (default https://connect.getseam.com)"),
+    ("SEAM_API_KEY", "Seam API key (required)"),
+    ("TWILIO_ACCOUNT_SID", "Twilio account; any TWILIO_* turns SMS on"),
+    ("TWILIO_AUTH_TOKEN", "Twilio auth token"),
+    ("TWILIO_FROM", "SMS sender number or id (or TWILIO_MESSAGING_SERVICE_SID)"),
+    ("TWILIO_MESSAGING_SERVICE_SID", "SMS sender service (or TWILIO_FROM)"),
+    ("TWILIO_API_URL", "Twilio API (default https://api.twilio.com)"),
+    ("SMTP_HOST", "SMTP server; with EMAIL_FROM turns email on"),
+    ("EMAIL_FROM", "sender address of the email"),
+    ("SMTP_PORT", "SMTP port (default 25, 587 or 465 by SMTP_TLS)"),
+    ("SMTP_TLS", "none, starttls (default) or tls"),
+    ("SMTP_USERNAME", "SMTP user (with SMTP_PASSWORD)"),
+    ("SMTP_PASSWORD", "SMTP password (with SMTP_USERNAME)"),
+    ("IKW_HTTP_PORT", "health and metrics port (default 8080; 0: any free port)"),
+    ("IKW_MIN_KEY_LIFETIME", "reuse a key only with this much left (default 1h)"),
+    ("IKW_MAX_ATTEMPTS", "tries before a transient failure is dead-lettered (default 10)"),
+    ("IKW_MAX_RETRY_AGE", "... or this long after the first failure (default 1d)"),
+    ("IKW_SHUTDOWN_GRACE", "on SIGTERM, time for in-flight messages (default 30s)"),
+    ("IKW_MESSAGE_DEADLINE", "one message's work; past it, it is retried later (default 2m)"),
+    ("IKW_TRUSTED_PUBLISHERS", "broker users whose events count: name or name:key-prefix"),
+    ("IKW_REVOKE_RETENTION", "how long revokes are remembered (default 30d)"),
+    ("IKW_DECLARE", "declare the topology at start (default true; false: check only)"),
+    ("IKW_ALLOW_INSECURE", "allow plaintext or unverified transport to remote hosts"),
+    ("SMTP_CA_FILE", "CA bundle for the SMTP server's certificate"),
+)
+
 
 class ConfigError(Exception):
     """Raised with every problem found, one per line, each naming its variable."""

@@ -21,6 +21,7 @@ from worker.broker.connect import BROKER_ERRORS, connect
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.config import DURATION_HINT, parse_duration
+from worker.errors import REASONS
 
 BATCH = 100  # replays in flight at once, and how often a progress line is printed
 DEFAULT_LIMIT = 100
@@ -37,7 +38,11 @@ _EPOCH = datetime.min.replace(tzinfo=UTC)
 
 
 class DlqError(Exception):
-    """Printed as one line; the command exits 1."""
+    """Printed as one line; the command exits ``exit_code`` (1: failed, 2: usage)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -267,11 +272,11 @@ async def _show(
             print()
         suffix = f" ({number} of {len(matches)} with this id)" if len(matches) > 1 else ""
         print(f"dead letter {letter.id}{suffix}")
-        print(_details(letter))
+        print(_details(letter, full=args.full))
     return 0
 
 
-def _details(letter: DeadLetter) -> str:
+def _details(letter: DeadLetter, *, full: bool = False) -> str:
     message = letter.message
     lines = [
         f"reason:           {letter.reason}",
@@ -287,7 +292,7 @@ def _details(letter: DeadLetter) -> str:
     # x-delivery-count only counts how often the dead queue was read (by this command too).
     for key in sorted(k for k in headers if k != "x-delivery-count"):
         lines.extend(_header_lines(key, headers[key]))
-    return "\n".join([*lines, *_body_lines(message.body)])
+    return "\n".join([*lines, *_body_lines(message.body, full=full)])
 
 
 def _header_lines(key: str, value: object) -> list[str]:
@@ -306,7 +311,7 @@ def _plain(value: object) -> str:
     return text if text.isprintable() and not isinstance(value, bytes) else repr(value)
 
 
-def _body_lines(body: bytes) -> list[str]:
+def _body_lines(body: bytes, *, full: bool = False) -> list[str]:
     try:
         parsed = json.loads(body)
     except (ValueError, RecursionError):
@@ -316,9 +321,9 @@ def _body_lines(body: bytes) -> list[str]:
         if not text.replace("\n", "").isprintable():
             text = json.dumps(parsed, indent=2)
     lines = [f"body ({len(body)} bytes, {kind}):"]
-    if len(text) > BODY_CHARS:
+    if len(text) > BODY_CHARS and not full:
         cut = len(text) - BODY_CHARS
-        return [*lines, text[:BODY_CHARS], f"… {cut} more characters not shown"]
+        return [*lines, text[:BODY_CHARS], f"… {cut} more characters not shown (--full shows all)"]
     return [*lines, text]
 
 
@@ -483,6 +488,7 @@ async def _purge(
     if confirmed is None:
         return 1
     async with holding(connection, names, args.broker_user) as letters:
+        missing = sorted(set(args.ids) - {letter.id for letter in letters})
         chosen = confirmed.take(_selection(args, letters))
         purged = 0
         try:
@@ -493,8 +499,10 @@ async def _purge(
             raise DlqError(
                 f"lost the channel ({type(exc).__name__}) after purging {purged}; the rest stay"
             ) from None
+    for letter_id in missing:
+        print(f"failed: no dead letter with id {letter_id}")
     print(f"purged {dead_letters(purged)} from {names.dead}")
-    return 0
+    return 1 if missing else 0
 
 
 # --- the command ---------------------------------------------------------------------------
@@ -508,10 +516,22 @@ def duration(raw: str) -> timedelta:
 
 
 def add_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    dlq = commands.add_parser("dlq", help="inspect, replay and purge dead letters")
-    actions = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq = commands.add_parser(
+        "dlq",
+        help="inspect, replay and purge dead letters",
+        description=f"Inspect, replay and purge the dead letters of the namespace's .dead queue "
+        "(reads AMQP_URL and IKW_NAMESPACE). A --reason is one of: "
+        f"{', '.join(sorted(REASONS))}.",
+    )
+    actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
 
-    listing = actions.add_parser("list", help="count by reason, then one line each, newest first")
+    def action(name: str, what: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = actions.add_parser(
+            name, help=what, description=what[0].upper() + what[1:] + "."
+        )
+        return sub
+
+    listing = action("list", "count by reason, then one line each, newest first; takes nothing")
     listing.add_argument("--reason", help="only this reason, e.g. invalid_event")
     listing.add_argument("--older-than", type=duration, metavar="DURATION", help="e.g. 2h")
     listing.add_argument("--newer-than", type=duration, metavar="DURATION", help="e.g. 15m")
@@ -519,17 +539,25 @@ def add_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         "--limit", type=int, default=DEFAULT_LIMIT, help=f"lines (default {DEFAULT_LIMIT}, 0: all)"
     )
 
-    show = actions.add_parser("show", help="headers and body of the dead letters with this id")
+    show = action("show", "headers and body of the dead letters with this id; takes nothing")
     show.add_argument("id", metavar="ID")
+    show.add_argument(
+        "--full", action="store_true", help=f"the whole body (default: its first {BODY_CHARS})"
+    )
 
-    replay = actions.add_parser("replay", help="put dead letters back on their source queue")
+    replay = action(
+        "replay", "put dead letters back on their source queue, at attempt 1; asks first"
+    )
     which = replay.add_mutually_exclusive_group(required=True)
     which.add_argument("ids", nargs="*", default=[], metavar="ID")
     which.add_argument("--reason", help="every dead letter with this reason")
     which.add_argument("--all", action="store_true", help="every dead letter")
     replay.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
-    purge = actions.add_parser("purge", help="delete dead letters for good")
+    purge = action(
+        "purge", "delete dead letters for good: these ids, this reason, or all; asks first"
+    )
+    purge.add_argument("ids", nargs="*", default=[], metavar="ID", help="only these ids")
     purge.add_argument("--reason", help="only this reason (default: all)")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
@@ -545,7 +573,26 @@ async def run(args: argparse.Namespace) -> int:
     connection = await connect(settings.amqp_url, "ikw-dlq")
     try:
         async with connection:
+            await check_reason(
+                getattr(args, "reason", None), connection, names, settings.broker_user
+            )
             return await COMMANDS[args.dlq_command](args, connection, names)
     except DlqError as exc:
         print(f"ikw dlq: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
+
+
+async def check_reason(
+    reason: str | None, connection: AbstractRobustConnection, names: Names, worker: str
+) -> None:
+    """A reason no one gives and no dead letter has is a typo, not an empty selection."""
+    if reason is None or reason in REASONS:
+        return
+    present = sorted({letter.reason for letter in await snapshot(connection, names, worker)})
+    if reason in present:  # e.g. from a newer worker
+        return
+    raise DlqError(
+        f"unknown reason {_printable(reason)!r}; in {names.dead} now: "
+        f"{', '.join(present) or 'none'}; known reasons: {', '.join(sorted(REASONS))}",
+        exit_code=2,
+    )

@@ -8,6 +8,37 @@ import math
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
+# Every x-ikw-reason a dead letter can carry, and the reasons RabbitMQ gives (x-death):
+# `ikw dlq --reason` checks against this. Add a code here when you add one.
+REASONS = frozenset(
+    {
+        "malformed_json",
+        "wrong_content_type",
+        "too_large",
+        "unknown_type",
+        "unsupported_encoding",
+        "invalid_phone_number",
+        "invalid_email_address",
+        "invalid_event",
+        "seam_rejected",
+        "not_found",
+        "identity_not_found",
+        "no_channel_accepted",
+        "retries_exhausted",
+        "untrusted_publisher",
+        "identity_out_of_scope",
+        "wrong_queue",
+        "key_identity_mismatch",
+        "stale_grant",
+        "unroutable",
+        # RabbitMQ's own
+        "delivery_limit",
+        "rejected",
+        "expired",
+        "maxlen",
+    }
+)
+
 
 def retry_after_seconds(header: str | None) -> float | None:
     """A Retry-After header as seconds from now: delay-seconds or an HTTP date."""

@@ -36,6 +36,65 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Connection-loss exceptions, by name: what aio-pika and aiormq report while a robust connection
+# is cut and restored. Not ours to act on; the reconnect that follows is logged at info.
+_LOSS = frozenset(
+    {
+        "AMQPConnectionError",
+        "ChannelInvalidStateError",
+        "ConnectionClosed",
+        "ConnectionError",
+        "ConnectionRefusedError",
+        "ConnectionResetError",
+        "BrokenPipeError",
+        "CancelledError",
+        "TimeoutError",
+        "IncompatibleProtocolError",
+        "RuntimeError",  # "<Connection ...> closed", from a channel's close callback
+    }
+)
+CONNECTION_FORCED = 320  # the broker closed the connection: restart, node down, operator
+
+
+class ReconnectNoise(logging.Filter):
+    """Lowers to warning the error records aio-pika and aiormq write on every connection cut,
+    so an alert on error-level logs does not fire on a routine reconnect. Only these records:
+    any other error from the libraries keeps its level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and _routine(record):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _routine(record: logging.LogRecord) -> bool:
+    args = record.args if isinstance(record.args, tuple) else ()
+    message = str(record.msg)
+    if record.name == "aio_pika.tools" and message.startswith("Callback %r error"):
+        # A robust channel's or connection's close callback failing because the link is gone.
+        return len(args) >= 2 and "_on_close" in repr(args[0]) and args[1] in _LOSS
+    if record.name == "aio_pika.robust_connection" and message.startswith("Reconnect attempt"):
+        return len(args) >= 2 and args[1] in _LOSS
+    if record.name == "aiormq.connection":
+        if message.startswith("error when creating transport"):
+            return True  # followed by aio-pika's "Connection attempt ... failed" warning
+        if message.startswith("Unexpected connection close"):
+            return len(args) >= 2 and args[1] == CONNECTION_FORCED
+    return False
+
+
+_NOISE_FILTER = ReconnectNoise()
+NOISY_LOGGERS = ("aio_pika.tools", "aio_pika.robust_connection", "aiormq.connection")
+
+
+def quiet_reconnects() -> None:
+    """Install the filter on the loggers that write the noise (idempotent)."""
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if _NOISE_FILTER not in logger.filters:
+            logger.addFilter(_NOISE_FILTER)
+
+
 def setup(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -45,3 +104,4 @@ def setup(level: str = "INFO") -> None:
     # Libraries that would log request bodies (the SMS body holds the key's URL) stay quiet.
     for noisy in ("twilio", "aiormq", "aio_pika", "aiohttp.access", "mail.log"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_reconnects()

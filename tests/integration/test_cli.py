@@ -1,20 +1,68 @@
 """The commands a newcomer runs first: `ikw demo`, and what it says without a broker."""
 
+import asyncio
+import json
+import logging
 import re
+import signal
 import subprocess
 import sys
+import uuid
+from importlib import metadata
+from pathlib import Path
+
+import aio_pika
+import aiormq
+import pytest
 
 from tests.integration.conftest import AMQP_URL
+from worker import config
+from worker.broker.connect import connect
+from worker.broker.topology import Names
+from worker.logs import quiet_reconnects
+from worker.sandbox import wait_for
+from worker.sandbox.proxy import Proxy
+
+Connection = aio_pika.abc.AbstractRobustConnection
+IKW = [sys.executable, "-m", "worker.cli"]
+PACKAGE = "instant-key-worker"
 
 
-def ikw(*args: str, amqp_url: str = AMQP_URL) -> subprocess.CompletedProcess[str]:
+def env(namespace: str = "instant_keys", amqp_url: str = AMQP_URL) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "AMQP_URL": amqp_url, "IKW_NAMESPACE": namespace}
+
+
+def ikw(
+    *args: str, amqp_url: str = AMQP_URL, namespace: str = "instant_keys"
+) -> subprocess.CompletedProcess[str]:
+    """`ikw ...` as a process, stdin not a terminal."""
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        env={"PATH": "/usr/bin:/bin", "AMQP_URL": amqp_url},
+        [*IKW, *args],
+        env=env(namespace, amqp_url),
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+async def aikw(*args: str, namespace: str) -> subprocess.CompletedProcess[str]:
+    """The same without blocking the loop the test's own connection runs on."""
+    return await asyncio.to_thread(ikw, *args, namespace=namespace)
+
+
+async def missing_queues(amqp: Connection, names: Names) -> list[str]:
+    """The namespace's queues a passive declare does not find."""
+    channel = await amqp.channel()
+    missing = []
+    for name in names.all_queues():
+        try:
+            await channel.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            missing.append(name)
+            await channel.reopen()
+    await channel.close()
+    return missing
 
 
 def test_demo_shows_the_sms_the_email_and_the_deletion() -> None:
@@ -35,3 +83,245 @@ def test_without_rabbitmq_the_demo_says_so_in_one_line() -> None:
     [line] = result.stderr.splitlines()
     assert line.startswith("ikw: cannot reach RabbitMQ at 127.0.0.1:1")
     assert "rabbitmq-server -detached" in line
+
+
+# --- Operating it: one line, a documented exit code -------------------------------------------
+
+
+def test_version_is_the_package_version() -> None:
+    result = ikw("--version")
+    assert (result.returncode, result.stdout) == (0, f"ikw {metadata.version(PACKAGE)}\n")
+
+
+COMMANDS = ["run", "demo", "sandbox", "publish", "topology", "schema", "dlq"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_each_command_says_what_it_does(command: str) -> None:
+    result = ikw(command, "--help")
+    assert result.returncode == 0
+    usage, _, rest = result.stdout.partition("\n\n")
+    assert usage.startswith(f"usage: ikw {command}")
+    assert len(rest.split("\n\n")[0]) > 30, result.stdout  # a sentence, not just the flags
+
+
+def test_run_help_lists_every_variable_the_configuration_reads() -> None:
+    source = Path(config.__file__).read_text()
+    read = set(re.findall(r'"((?:AMQP|IKW|SEAM|TWILIO|SMTP|EMAIL)_[A-Z_]+)"', source))
+    read -= {"SEAM_API_KEY_FILE"}  # a hint in a message; every secret's _FILE is one line
+    help_text = ikw("run", "--help").stdout
+    listed = set(re.findall(r"^  ([A-Z][A-Z_]+)  ", help_text, re.MULTILINE))
+    assert read <= listed, f"not in `ikw run --help`: {sorted(read - listed)}"
+    assert {name for name, _ in config.VARIABLES} <= listed
+    assert "NAME_FILE" in listed
+
+
+BROKER_URL_CASES = [
+    (
+        "amqp://guest:s3cret-pw@127.0.0.1:5672/",
+        2,
+        "ikw: RabbitMQ at 127.0.0.1:5672 refused user 'guest' (ACCESS_REFUSED): wrong user or "
+        "password in AMQP_URL",
+    ),
+    (
+        "amqp://guest:guest@127.0.0.1:5672/nope",
+        2,
+        "ikw: RabbitMQ at 127.0.0.1:5672 has no virtual host 'nope' open to user 'guest' "
+        "(NOT_ALLOWED): fix the path of AMQP_URL, or create it",
+    ),
+    (
+        "amqp://guest:s3cret-pw@127.0.0.1:99999/",
+        2,
+        "ikw: AMQP_URL: the port must be a number from 1 to 65535, got '99999'",
+    ),
+    (
+        "amqp://guest:s3cret-pw@127.0.0.1:1/",
+        1,
+        "ikw: cannot reach RabbitMQ at 127.0.0.1:1 (AMQPConnectionError); start one with",
+    ),
+    ("http://guest:s3cret-pw@127.0.0.1:5672/", 2, "ikw: AMQP_URL: must be a amqp or amqps URL"),
+]
+
+
+@pytest.mark.parametrize(("url", "code", "line"), BROKER_URL_CASES)
+@pytest.mark.parametrize("command", [["publish", "revoke", "--key", "k"], ["dlq", "list"]])
+def test_a_broker_problem_is_one_line_saying_what_to_fix(
+    command: list[str], url: str, code: int, line: str
+) -> None:
+    result = ikw(*command, amqp_url=url)
+    assert result.stdout == ""
+    if code == 2 and line.startswith("ikw: AMQP_URL"):  # as every configuration problem
+        assert result.stderr.startswith("ikw: configuration error:\n")
+        line = line.removeprefix("ikw: ")
+        [said] = result.stderr.splitlines()[1:]
+    else:
+        [said] = result.stderr.splitlines()
+    assert said.startswith(line), said
+    assert result.returncode == code
+    assert "s3cret-pw" not in said
+
+
+def test_publish_without_the_topology_is_one_line() -> None:
+    namespace = f"ikw_test_absent_{uuid.uuid4().hex[:6]}"
+    result = ikw("publish", "revoke", "--key", "guest-1", namespace=namespace)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"ikw: exchange {namespace} does not exist; run `ikw topology` first "
+        "(or check IKW_NAMESPACE)\n"
+    )
+
+
+def test_a_usage_error_exits_2() -> None:
+    result = ikw("topology", "--yes")
+    assert (result.returncode, result.stderr) == (2, "ikw: --yes goes with --delete only\n")
+    assert ikw("publish", "grant", "--key", "k", "--phone", "12").returncode == 2
+    assert ikw("no-such-command").returncode == 2
+
+
+async def test_topology_delete_says_what_it_would_destroy_and_needs_a_terminal(
+    amqp: Connection, names: Names
+) -> None:
+    channel = await amqp.channel(publisher_confirms=True)
+    await channel.default_exchange.publish(aio_pika.Message(b"{}"), names.dead)
+    for level in (3, 9):  # an expiry timer on its way down
+        await channel.default_exchange.publish(aio_pika.Message(b"{}"), names.delay(level))
+    await channel.close()
+
+    result = await aikw("topology", "--delete", namespace=names.namespace)
+
+    assert result.returncode == 1
+    assert result.stdout.startswith(
+        f"delete namespace {names.namespace}: 34 queues and their exchanges, "
+        "holding 3 ready messages:\n"
+    )
+    assert f"        1  dead letters in {names.dead}\n" in result.stdout
+    assert "        2  pending expiry timers and retries in" in result.stdout
+    assert "never deleted from Seam" in result.stdout
+    assert f"The revokes remembered in {names.fence} are forgotten" in result.stdout
+    assert result.stderr == (
+        f"ikw topology: refusing to delete namespace {names.namespace} without confirmation: "
+        "stdin is not a terminal; pass --yes to confirm. Nothing was changed.\n"
+    )
+    assert await missing_queues(amqp, names) == []
+
+    result = await aikw("topology", "--delete", "--yes", namespace=names.namespace)
+    assert (result.returncode, result.stdout) == (
+        0,
+        f"deleted the topology of namespace {names.namespace} (34 queues, with 3 messages)\n",
+    )
+    assert await missing_queues(amqp, names) == names.all_queues()
+
+
+async def test_a_reader_that_stops_early_ends_quietly(amqp: Connection, names: Names) -> None:
+    channel = await amqp.channel(publisher_confirms=True)
+    headers: aio_pika.abc.HeadersType = {
+        "x-ikw-reason": "malformed_json",
+        "x-ikw-source-queue": names.grants,
+        "x-ikw-error": "x" * 150,
+    }
+    for n in range(600):  # ~ 120 KB of listing: more than a pipe holds
+        message = aio_pika.Message(b"{", headers=headers, message_id=f"bad-{n}")
+        await channel.default_exchange.publish(message, names.dead)
+    await channel.close()
+
+    process = await asyncio.create_subprocess_exec(
+        *IKW,
+        "dlq",
+        "list",
+        "--limit",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env(names.namespace),
+    )
+    assert process.stdout and process.stderr
+    first = await asyncio.wait_for(process.stdout.readline(), 30)
+    process.stdout.feed_eof()
+    transport = process._transport  # type: ignore[attr-defined]
+    transport.get_pipe_transport(1).close()  # `| head -1`: the reader is gone
+    err = await asyncio.wait_for(process.stderr.read(), 30)
+    code = await asyncio.wait_for(process.wait(), 30)
+
+    assert first == f"600 dead letters in {names.dead}\n".encode()
+    assert (code, err) == (0, b"")
+
+
+async def test_demo_stopped_by_sigterm_deletes_its_namespace(amqp: Connection) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *IKW,
+        "demo",
+        "--key-lifetime",
+        "600",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env(),
+    )
+    assert process.stdout
+    namespace = None
+    lines: list[str] = []
+    async with asyncio.timeout(60):
+        while namespace is None:
+            line = (await process.stdout.readline()).decode()
+            assert line, f"the demo ended first: {lines}"
+            lines.append(line)
+            if found := re.match(r"worker up on namespace (\S+),", line):
+                namespace = found[1]
+    names = Names(namespace)
+    assert await missing_queues(amqp, names) == []
+
+    process.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+
+    assert process.returncode == 143, err
+    assert b"Traceback" not in err
+    assert await missing_queues(amqp, names) == names.all_queues()
+
+
+async def test_a_connection_cut_logs_no_error_from_the_amqp_libraries(
+    log_lines: list[str],
+) -> None:
+    proxy = Proxy("127.0.0.1", 5672)
+    await proxy.start()
+    url = AMQP_URL.replace(":5672", f":{proxy.port}") + "?reconnect_interval=0.2"
+    connection = await connect(url, "ikw test")
+    reconnected = asyncio.Event()
+
+    async def on_reconnect(*_: object) -> None:
+        reconnected.set()
+
+    async def on_message(_: aio_pika.abc.AbstractIncomingMessage) -> None:
+        pass
+
+    connection.reconnect_callbacks.add(on_reconnect)
+    channels = [await connection.channel(), await connection.channel(publisher_confirms=True)]
+    queue = await channels[0].declare_queue(exclusive=True)
+    await queue.consume(on_message)
+    try:
+        for _ in range(2):
+            reconnected.clear()
+            proxy.cut()
+            await asyncio.wait_for(reconnected.wait(), 20)
+            await wait_for(lambda: all(not c.is_closed for c in channels), 10, "the channels")
+    finally:
+        await connection.close()
+        await proxy.stop()
+
+    library = [json.loads(line) for line in log_lines if '"logger": "ai' in line]
+    assert [entry for entry in library if entry["level"] == "warning"], log_lines
+    assert [entry for entry in library if entry["level"] == "error"] == []
+
+
+def test_other_library_errors_keep_their_level() -> None:
+    logger = logging.getLogger("aio_pika.tools")
+    quiet_reconnects()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        logger.error("Callback %r error: %s: %s", "<my_callback>", "KeyError", "boom")
+        logger.error("Callback %r error: %s: %s", "<RobustChannel._on_close>", "KeyError", "x")
+        logger.error("Callback %r error: %s: %s", "<RobustChannel._on_close>", "RuntimeError", "")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.levelname for r in records] == ["ERROR", "ERROR", "WARNING"]

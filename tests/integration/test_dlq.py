@@ -440,3 +440,73 @@ async def test_a_missing_dead_queue_is_one_clear_line(
     code, out, err = await ikw("list")
     assert (code, out) == (1, "")
     assert "does not exist; check IKW_NAMESPACE or run `ikw topology`" in err
+
+
+async def dead(amqp: Connection, names: Names, reason: str, message_id: str, raw: bytes) -> None:
+    """A dead letter as the worker writes it, put straight into the dead queue."""
+    channel = await amqp.channel(publisher_confirms=True)
+    headers: aio_pika.abc.HeadersType = {
+        "x-ikw-reason": reason,
+        "x-ikw-source-queue": names.grants,
+        "x-ikw-error": "test",
+    }
+    message = aio_pika.Message(raw, headers=headers, message_id=message_id, user_id="guest")
+    await channel.default_exchange.publish(message, names.dead)
+    await channel.close()
+
+
+async def test_an_unknown_reason_is_one_line_with_the_reasons_there_are(
+    amqp: Connection, names: Names, ikw: Ikw
+) -> None:
+    await dead(amqp, names, "malformed_json", "evt-1", b"{")
+    await dead(amqp, names, "seam_rejected", "evt-2", b"{}")
+
+    for command in (["list"], ["replay", "--yes"], ["purge", "--yes"]):
+        code, out, err = await ikw(*command, "--reason", "bogus")
+        assert (code, out) == (2, ""), command
+        [line] = err.splitlines()
+        assert line.startswith(
+            f"ikw dlq: unknown reason 'bogus'; in {names.dead} now: malformed_json, "
+            "seam_rejected; known reasons: delivery_limit, expired, "
+        )
+        assert "no_channel_accepted" in line
+    assert await depth(amqp, names.dead) == 2
+
+    # A known reason that no dead letter has is an empty selection, not a mistake.
+    code, out, _ = await ikw("list", "--reason", "too_large")
+    assert (code, out) == (0, f"none of the 2 dead letters in {names.dead} match\n")
+    # A reason only a newer worker knows is still found.
+    await dead(amqp, names, "brand_new_reason", "evt-3", b"{}")
+    code, out, _ = await ikw("list", "--reason", "brand_new_reason")
+    assert code == 0 and counts(out) == {"brand_new_reason": 1}
+
+
+async def test_purge_by_id_takes_only_those(amqp: Connection, names: Names, ikw: Ikw) -> None:
+    for n in range(3):
+        await dead(amqp, names, "malformed_json", f"evt-{n}", b"{")
+
+    code, out, _ = await ikw("purge", "evt-0", "evt-2", "--yes")
+    assert (code, out) == (0, f"purged 2 dead letters from {names.dead}\n")
+    assert [row[0] for row in rows((await ikw("list"))[1])] == ["evt-1"]
+
+    code, out, _ = await ikw("purge", "evt-1", "evt-gone", "--yes")
+    assert code == 1
+    assert out == (
+        f"failed: no dead letter with id evt-gone\npurged 1 dead letter from {names.dead}\n"
+    )
+    assert await depth(amqp, names.dead) == 0
+
+
+async def test_show_cuts_a_long_body_unless_full(amqp: Connection, names: Names, ikw: Ikw) -> None:
+    raw = b'{"padding": "' + b"a" * 70_000 + b'"}'
+    await dead(amqp, names, "too_large", "evt-big", raw)
+
+    code, out, _ = await ikw("show", "evt-big")
+    assert code == 0
+    assert len(out) < dlq.BODY_CHARS + 2000
+    assert out.rstrip().endswith("more characters not shown (--full shows all)")
+
+    code, out, _ = await ikw("show", "evt-big", "--full")
+    assert code == 0
+    assert '"a' + "a" * 69_999 + '"' in out
+    assert "not shown" not in out

@@ -1,10 +1,14 @@
-"""Open the robust connection, or say in one line that RabbitMQ is not there."""
+"""Open the robust connection, or say in one line what is wrong: the URL, the credentials, the
+virtual host, or that RabbitMQ is not there. Never with the password."""
 
 import logging
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractRobustConnection
+
+from worker.logs import quiet_reconnects
 
 # What a lost channel or connection looks like when we ack or publish.
 BROKER_ERRORS = (
@@ -13,13 +17,98 @@ BROKER_ERRORS = (
     ConnectionError,
     TimeoutError,
 )
+NOT_ALLOWED = 530  # RabbitMQ closes Connection.Open with it: no such vhost, or no access to it
+START_ONE = (
+    "start one with `rabbitmq-server -detached` or `docker run -d -p 5672:5672 rabbitmq:3.13`, "
+    "or point AMQP_URL at yours"
+)
 
 
-class BrokerUnreachable(Exception):
-    pass
+class BrokerError(Exception):
+    """One line for the operator; ``exit_code`` 2 when the configuration must change."""
+
+    exit_code = 1
+
+
+class BrokerUnreachable(BrokerError):
+    """No RabbitMQ answered at that address (refused, no such host, TLS failure...)."""
+
+
+class BrokerRefused(BrokerError):
+    """RabbitMQ answered and refused the user, the password or the virtual host."""
+
+    exit_code = 2
+
+
+class BadBrokerUrl(BrokerError):
+    """AMQP_URL cannot be used as it is (a port out of range, not a number...)."""
+
+    exit_code = 2
+
+
+def where(url: str) -> str:
+    """host:port of ``url``, never its credentials."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    default = 5671 if parts.scheme == "amqps" else 5672
+    return f"{parts.hostname}:{port or default}"
+
+
+def check_url(url: str) -> None:
+    """Raise BadBrokerUrl for what the client library would only answer with a traceback."""
+    parts = urlsplit(url)
+    raw_port = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise BadBrokerUrl(
+            f"AMQP_URL: the port must be a number from 1 to 65535, got {raw_port[:20]!r}"
+        )
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise BadBrokerUrl(
+            f"AMQP_URL: must be an amqp:// or amqps:// URL with a host, got {parts.scheme}://…"
+        )
+
+
+def _vhost(url: str) -> str:
+    return unquote(urlsplit(url).path[1:]) or "/"
+
+
+def explain(url: str, exc: BaseException) -> BrokerError:
+    """The one line that says what to fix."""
+    parts = urlsplit(url)
+    user = unquote(parts.username or "guest")
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return BrokerRefused(
+            f"RabbitMQ at {where(url)} refused user {user!r} (ACCESS_REFUSED): wrong user or "
+            "password in AMQP_URL, or a user that may only connect from localhost (like guest)"
+        )
+    closed = isinstance(exc, aiormq.exceptions.ConnectionNotAllowed) or (
+        isinstance(exc, aiormq.exceptions.ConnectionClosed) and exc.args[:1] == (NOT_ALLOWED,)
+    )
+    refused_open = isinstance(exc, aiormq.exceptions.InvalidFrameError) and (
+        "Connection.OpenOk" in str(exc) and "Connection.Close" in str(exc)
+    )
+    if closed or refused_open:
+        vhost = _vhost(url)
+        return BrokerRefused(
+            f"RabbitMQ at {where(url)} has no virtual host {vhost!r} open to user {user!r} "
+            f"(NOT_ALLOWED): fix the path of AMQP_URL, or create it "
+            f"(`rabbitmqctl add_vhost {vhost}`) and give {user!r} permissions on it"
+        )
+    return BrokerUnreachable(
+        f"cannot reach RabbitMQ at {where(url)} ({type(exc).__name__}); {START_ONE}"
+    )
 
 
 async def connect(url: str, name: str = "instant-key-worker") -> AbstractRobustConnection:
+    check_url(url)
+    quiet_reconnects()  # a routine reconnect later is not an error-level log line
     # The first connection's failure is told in our one line below, not in aiormq's too.
     aiormq_log = logging.getLogger("aiormq")
     level = aiormq_log.level
@@ -32,11 +121,8 @@ async def connect(url: str, name: str = "instant-key-worker") -> AbstractRobustC
             url, fail_fast=True, client_properties={"connection_name": name}
         )
     except (OSError, aio_pika.exceptions.AMQPError) as exc:
-        parts = urlsplit(url)
-        raise BrokerUnreachable(
-            f"cannot reach RabbitMQ at {parts.hostname}:{parts.port or 5672} "
-            f"({type(exc).__name__}); start one with `rabbitmq-server -detached` or "
-            "`docker run -d -p 5672:5672 rabbitmq:3.13`, or point AMQP_URL at yours"
-        ) from None
+        raise explain(url, exc) from None
+    except ValueError:  # yarl's view of the URL; its message may hold the URL, so not shown
+        raise BadBrokerUrl("AMQP_URL: not a valid AMQP URL (check its host and port)") from None
     finally:
         aiormq_log.setLevel(level)
