@@ -1,9 +1,13 @@
 """Real RabbitMQ (AMQP_URL, default 127.0.0.1:5672), real sockets to the shipped stand-ins."""
 
+import asyncio
 import logging
 import os
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -15,6 +19,7 @@ from worker.broker import topology
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.logs import JsonFormatter
+from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
 from worker.sandbox.twilio import TwilioSandbox
 from worker.service import Service
@@ -144,3 +149,64 @@ async def drain(
         messages.append(message)
     await channel.close()
     return messages
+
+
+async def dead_letters(amqp: Any, names: Names, count: int, within: float = 20) -> list[Any]:
+    """Wait until ``count`` dead letters arrived; return them (taken off the dead queue)."""
+    found: list[Any] = []
+    deadline = time.monotonic() + within
+    while len(found) < count:
+        assert time.monotonic() < deadline, f"{len(found)} dead letters, expected {count}"
+        found.extend(await drain(amqp, names.dead))
+        await asyncio.sleep(0.05)
+    return found
+
+
+class WorkerProcess:
+    """`ikw run` in its own process, logging to a file."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> "WorkerProcess":
+        with self.log.open("ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "worker.cli", "run", env=os.environ | self.env, stderr=out
+            )
+        await wait_for(lambda: '"consuming"' in self.log.read_text(), 30, "the worker to consume")
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    async def exit_code(self, within: float = 30) -> int:
+        assert self.process is not None
+        return await asyncio.wait_for(self.process.wait(), within)
+
+
+@pytest.fixture
+async def processes(
+    worker_env: dict[str, str], tmp_path: Path, amqp: Any, sandbox: Sandbox
+) -> AsyncIterator[Callable[..., Awaitable[WorkerProcess]]]:
+    started: list[WorkerProcess] = []
+
+    async def start(**overrides: str) -> WorkerProcess:
+        log = tmp_path / f"worker-{len(started)}.log"
+        worker = await WorkerProcess(worker_env | overrides, log).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.process and worker.process.returncode is None:
+            worker.process.kill()
+            await worker.process.wait()
+    # The workers' own logs hold no door-key link and no full phone number.
+    secrets = [key["instant_key_url"] for key in sandbox.seam.issued]
+    secrets += [i["phone_number"] for i in sandbox.seam.identities.values()]
+    for worker in started:
+        log = worker.log.read_text()
+        assert not [s for s in secrets if s in log], f"secret in {worker.log.name}"

@@ -1,7 +1,6 @@
 """Every failure ends acked after a retry, delivered by another channel, or dead-lettered with a
 reason; each is made to happen for real against the broker and the stand-ins."""
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -10,7 +9,7 @@ import aiohttp
 import pytest
 
 from tests.builders import body, grant, revoke
-from tests.integration.conftest import drain
+from tests.integration.conftest import dead_letters, drain
 from worker.broker.topology import Names
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
@@ -25,17 +24,6 @@ def settled(service: Service, queue: str, outcome: str) -> float:
         "ikw_messages_total", {"queue": queue, "outcome": outcome}
     )
     return value or 0.0
-
-
-async def dead_letters(amqp: Any, names: Names, count: int, within: float = 20) -> list[Any]:
-    """Wait until ``count`` dead letters arrived; return them (taken off the dead queue)."""
-    found: list[Any] = []
-    deadline = time.monotonic() + within
-    while len(found) < count:
-        assert time.monotonic() < deadline, f"{len(found)} dead letters, expected {count}"
-        found.extend(await drain(amqp, names.dead))
-        await asyncio.sleep(0.05)
-    return found
 
 
 async def test_seam_503_then_200_is_delivered_after_a_retry(

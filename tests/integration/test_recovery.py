@@ -1,18 +1,13 @@
 """Recovery for real: SIGTERM with messages in flight, SIGKILL mid-load, the connection cut."""
 
 import asyncio
-import os
 import signal
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
-
 from tests.builders import grant
-from tests.integration.conftest import AMQP_URL, drain
+from tests.integration.conftest import AMQP_URL, WorkerProcess, drain
 from worker.broker.topology import Names
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
@@ -21,56 +16,6 @@ from worker.service import Service
 
 Publish = Callable[..., Awaitable[None]]
 StartWorker = Callable[..., Awaitable[Service]]
-
-
-class WorkerProcess:
-    """`ikw run` in its own process, logging to a file."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
-        self.log = log
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> "WorkerProcess":
-        with self.log.open("ab") as out:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "worker.cli", "run", env=os.environ | self.env, stderr=out
-            )
-        await wait_for(lambda: '"consuming"' in self.log.read_text(), 30, "the worker to consume")
-        return self
-
-    def signal(self, sig: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-
-    async def exit_code(self, within: float = 30) -> int:
-        assert self.process is not None
-        return await asyncio.wait_for(self.process.wait(), within)
-
-
-@pytest.fixture
-async def processes(
-    worker_env: dict[str, str], tmp_path: Path, amqp: Any, sandbox: Sandbox
-) -> AsyncIterator[Callable[..., Awaitable[WorkerProcess]]]:
-    started: list[WorkerProcess] = []
-
-    async def start(**overrides: str) -> WorkerProcess:
-        log = tmp_path / f"worker-{len(started)}.log"
-        worker = await WorkerProcess(worker_env | overrides, log).start()
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        if worker.process and worker.process.returncode is None:
-            worker.process.kill()
-            await worker.process.wait()
-    # The workers' own logs hold no door-key link and no full phone number.
-    secrets = [key["instant_key_url"] for key in sandbox.seam.issued]
-    secrets += [i["phone_number"] for i in sandbox.seam.identities.values()]
-    for worker in started:
-        log = worker.log.read_text()
-        assert not [s for s in secrets if s in log], f"secret in {worker.log.name}"
 
 
 def phones(count: int) -> list[str]:

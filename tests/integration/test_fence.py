@@ -1,0 +1,159 @@
+"""A revoke wins: once it is acked, no grant that occurred before it delivers a working key, from
+the delay queues, from another replica, from the dead-letter queue or after a restart."""
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from tests.builders import grant, revoke
+from tests.integration.conftest import AMQP_URL, WorkerProcess, dead_letters, drain
+from worker.broker.publisher import Publisher
+from worker.broker.topology import Names
+from worker.sandbox import wait_for
+from worker.sandbox.all import Sandbox
+from worker.service import Service
+
+StartWorker = Callable[..., Awaitable[Service]]
+Publish = Callable[..., Awaitable[None]]
+
+
+def at(seconds_ago: float) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=seconds_ago)).isoformat()
+
+
+def settled(service: Service, queue: str, outcome: str) -> float:
+    value = service.metrics.registry.get_sample_value(
+        "ikw_messages_total", {"queue": queue, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+def live_keys(sandbox: Sandbox, key: str) -> list[Any]:
+    ids = [i["user_identity_id"] for i in sandbox.seam.identities.values()]
+    found = [i for i in ids if sandbox.seam.identities[i]["user_identity_key"] == key]
+    return [k for i in found for k in sandbox.seam.live_keys(i)]
+
+
+async def test_a_grant_waiting_in_the_delay_queues_is_overtaken_by_a_revoke(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names, amqp: Any
+) -> None:
+    service = await start_worker()
+    sandbox.seam.fail_next(503, path="/user_identities/generate_instant_key")
+    await publish(grant("guest-1", occurred_at=at(5)))
+    await wait_for(lambda: settled(service, names.grants, "retried") == 1, 15, "the retry")
+
+    await publish(revoke("guest-1") | {"occurred_at": at(1)})
+    await wait_for(lambda: settled(service, names.revocations, "acked") == 1, 15, "the revoke")
+    await wait_for(lambda: settled(service, names.grants, "revoked") == 1, 20, "the fenced grant")
+
+    assert sandbox.twilio.outbox == [] and sandbox.smtp.messages == []
+    assert live_keys(sandbox, "guest-1") == []
+    assert await drain(amqp, names.dead) == []  # acked as revoked, not dead-lettered
+
+
+async def test_a_new_booking_after_a_revoke_is_delivered(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names
+) -> None:
+    service = await start_worker()
+    await publish(revoke("guest-1") | {"occurred_at": at(5)})
+    await wait_for(lambda: settled(service, names.revocations, "acked") == 1, 15, "the revoke")
+    await publish(grant("guest-1", occurred_at=at(0)))
+    await wait_for(lambda: sandbox.twilio.outbox, 15, "the new booking's SMS")
+    [key] = live_keys(sandbox, "guest-1")
+    assert key["instant_key_url"] in sandbox.twilio.outbox[0]["body"]
+
+
+async def test_a_restarted_worker_still_fences(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names
+) -> None:
+    first = await start_worker()
+    await publish(revoke("guest-1") | {"occurred_at": at(1)})
+    await wait_for(lambda: settled(first, names.revocations, "acked") == 1, 15, "the revoke")
+    await first.stop()
+
+    second = await start_worker()  # reads the revoke back from the stream
+    await publish(grant("guest-1", occurred_at=at(10)))
+    await wait_for(lambda: settled(second, names.grants, "revoked") == 1, 15, "the fenced grant")
+    assert sandbox.twilio.outbox == [] and sandbox.seam.issued == []
+
+
+async def test_a_pre_revoke_grant_replayed_from_the_dead_letter_queue_is_fenced(
+    sandbox: Sandbox,
+    start_worker: StartWorker,
+    publish: Publish,
+    names: Names,
+    amqp: Any,
+    worker_env: dict[str, str],
+) -> None:
+    service = await start_worker()
+    sandbox.seam.fail_next(400, "invalid_input", path="/user_identities/get")
+    event = grant("guest-1", occurred_at=at(10))
+    await publish(event)
+    [dead] = await dead_letters(amqp, names, 1)
+    # Back where it was, as the operator's `ikw dlq list` would leave it.
+    channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
+    await Publisher(channel, names, "guest").to_queue(
+        names.dead, dead.body, headers=dict(dead.headers), message_id=dead.message_id
+    )
+    await publish(revoke("guest-1") | {"occurred_at": at(1)})
+    await wait_for(lambda: settled(service, names.revocations, "acked") == 1, 15, "the revoke")
+
+    replay = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "dlq",
+        "replay",
+        "--all",
+        "--yes",
+        env=os.environ | {"AMQP_URL": AMQP_URL, "IKW_NAMESPACE": names.namespace},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await replay.communicate()
+    assert (replay.returncode, out.decode().strip()) == (0, "replayed 1, failed 0")
+    await wait_for(lambda: settled(service, names.grants, "revoked") == 1, 15, "the fenced grant")
+    assert sandbox.twilio.outbox == [] and sandbox.seam.issued == []
+    assert json.loads(dead.body)["event_id"] == event["event_id"]
+
+
+async def test_two_worker_processes_racing_grants_and_revokes_leave_no_live_key(
+    sandbox: Sandbox,
+    processes: Callable[..., Awaitable[WorkerProcess]],
+    publish: Publish,
+    names: Names,
+    amqp: Any,
+) -> None:
+    sandbox.seam.latency = 0.03  # widen the windows in which the two overlap
+    workers = [await processes(IKW_PREFETCH="16") for _ in range(2)]
+    guests = [f"guest-{n}" for n in range(12)]
+    for n, key in enumerate(guests):
+        phone = f"+1415555{n:04d}"
+        # Each guest's grant and revoke at once: one replica may take the grant, the other the
+        # revoke, in either order.
+        await publish(grant(key, phone=phone, email=f"g{n}@example.com", occurred_at=at(2)))
+        await publish(revoke(key) | {"occurred_at": at(1)})
+
+    def settled_in_logs(queue: str) -> int:
+        lines = (line for w in workers for line in w.log.read_text().splitlines())
+        done = ("acked", "revoked", "dead_lettered")
+        return sum(
+            1
+            for line in lines
+            if f'"queue": "{queue}"' in line and any(f'"outcome": "{o}"' in line for o in done)
+        )
+
+    await wait_for(
+        lambda: (
+            settled_in_logs(names.grants) == len(guests)
+            and settled_in_logs(names.revocations) == len(guests)
+        ),
+        60,
+        "every grant and revoke settled",
+    )
+    for key in guests:
+        assert live_keys(sandbox, key) == [], f"{key} still holds a working key"
+    assert await drain(amqp, names.dead) == []
