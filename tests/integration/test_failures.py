@@ -211,14 +211,17 @@ async def test_refused_credentials_pause_without_dead_letters_and_resume_when_fi
     setattr(stand_in, secret, "rotated-by-someone")
     await publish(grant(channels=("sms", "email")))
 
-    async def ready() -> int:
+    async def ready() -> tuple[int, Any]:
         assert service.http is not None
         async with aiohttp.ClientSession() as http:
             async with http.get(service.http.url + "/readyz") as response:
-                return response.status
+                return response.status, await response.json()
 
     await wait_for(lambda: not service.ready, 15, "the worker to report not ready")
-    assert await ready() == 503
+    assert await ready() == (
+        503,
+        {"ready": False, "why": f"paused: {service_name} refuses our credentials"},
+    )
     said = f"{service_name} refused our credentials"
     await wait_for(lambda: any(said in line for line in log_lines), 5, "one clear log line")
     assert (sandbox.twilio.outbox, sandbox.smtp.messages) == ([], [])  # no fallback to email
@@ -226,7 +229,7 @@ async def test_refused_credentials_pause_without_dead_letters_and_resume_when_fi
 
     setattr(stand_in, secret, real)
     await wait_for(lambda: sandbox.twilio.outbox, 30, "delivery once the credentials work")
-    assert await ready() == 200
+    assert await ready() == (200, {"ready": True})
     assert await drain(amqp, names.dead) == []
 
 
