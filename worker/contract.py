@@ -1,15 +1,28 @@
-"""Export the message models as JSON Schema files and an AsyncAPI 3 document for producers."""
+"""Export the message models as JSON Schema files and an AsyncAPI 3 document: the events producers
+publish, and the outcome events the worker publishes back for them to bind to."""
 
 import json
 from pathlib import Path
 from typing import Any
 
-from worker.events import AccessGranted, AccessRevoked, Model
+from worker.events import (
+    AccessDelivered,
+    AccessDeliveryFailed,
+    AccessGranted,
+    AccessRevoked,
+    KeyDeleted,
+    Model,
+)
 from worker.queues import Names
 
 PUBLIC: dict[str, type[Model]] = {
     "access.granted.v1": AccessGranted,
     "access.revoked.v1": AccessRevoked,
+}
+OUTCOMES: dict[str, type[Model]] = {
+    "access.delivered.v1": AccessDelivered,
+    "access.delivery_failed.v1": AccessDeliveryFailed,
+    "instant_key.deleted.v1": KeyDeleted,
 }
 
 
@@ -31,10 +44,10 @@ def asyncapi(names: Names) -> dict[str, Any]:
             "contentType": "application/json",
             "payload": {"$ref": f"./{name}.json"},
         }
-        for name, model in PUBLIC.items()
+        for name, model in (PUBLIC | OUTCOMES).items()
     }
-    channels = {}
-    operations = {}
+    channels: dict[str, Any] = {}
+    operations: dict[str, Any] = {}
     for queue, routing_key in names.work_queues.items():
         if routing_key is None:
             continue
@@ -58,12 +71,40 @@ def asyncapi(names: Names) -> dict[str, Any]:
             "summary": "Publish persistent, mandatory, with publisher confirms.",
             "bindings": {"amqp": {"deliveryMode": 2, "mandatory": True, "bindingVersion": "0.3.0"}},
         }
+    for name in OUTCOMES:
+        routing_key = name.removesuffix(".v1")
+        key = routing_key.replace(".", "_")
+        channels[key] = {
+            "address": routing_key,
+            "messages": {
+                name.replace(".", "_"): {"$ref": f"#/components/messages/{name.replace('.', '_')}"}
+            },
+            "bindings": {
+                "amqp": {
+                    "is": "routingKey",
+                    "exchange": {"name": names.exchange, "type": "topic", "durable": True},
+                    "bindingVersion": "0.3.0",
+                }
+            },
+            "description": (
+                "Published by the worker. Bind your own queue to this routing key to hear it; "
+                "with no queue bound it is dropped."
+            ),
+        }
+        operations[f"receive_{key}"] = {
+            "action": "receive",
+            "channel": {"$ref": f"#/channels/{key}"},
+            "summary": "Outcome events arrive at least once: deduplicate on the message_id.",
+        }
     return {
         "asyncapi": "3.0.0",
         "info": {
             "title": "instant-key-worker",
             "version": "1.0.0",
-            "description": "Events that booking systems publish for instant-key-worker to consume.",
+            "description": (
+                "Events that booking systems publish for instant-key-worker to consume, and the "
+                "outcome events it publishes back."
+            ),
         },
         "defaultContentType": "application/json",
         "channels": channels,
@@ -74,7 +115,7 @@ def asyncapi(names: Names) -> dict[str, Any]:
 
 def render() -> dict[str, str]:
     """File name -> content, exactly as written to schemas/."""
-    files = {f"{n}.json": json_schema(n, m) for n, m in PUBLIC.items()}
+    files = {f"{n}.json": json_schema(n, m) for n, m in (PUBLIC | OUTCOMES).items()}
     files["asyncapi.json"] = asyncapi(Names())
     return {name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in files.items()}
 

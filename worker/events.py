@@ -78,8 +78,12 @@ class GuestIdentity(IdentityRef):
     phone_number: Phone | None = None
 
 
+ChannelName = Literal["sms", "email"]
+DeletedWhy = Literal["expired", "revoked", "converged"]
+
+
 class Delivery(Model):
-    channels: list[Literal["sms", "email"]] = Field(min_length=1, max_length=2)
+    channels: list[ChannelName] = Field(min_length=1, max_length=2)
     locale: Annotated[str, Field(pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")] = "en"
 
 
@@ -123,6 +127,58 @@ class KeyCleanup(Model):
     user_identity_id: Text
     expires_at: AwareDatetime
 
+
+class KnownIdentity(Model):
+    """The identity an outcome is about: ids only, never a contact."""
+
+    user_identity_id: str | None = None
+    user_identity_key: str | None = None
+
+
+class OutcomeBase(Model):
+    version: Literal[1] = 1
+    occurred_at: AwareDatetime
+
+
+class AccessDelivered(OutcomeBase):
+    """Published by the worker when a grant's link reached the guest (never the link itself)."""
+
+    model_config = ConfigDict(title="access.delivered v1")
+    type: Literal["access.delivered"] = "access.delivered"
+    event_id: str
+    grant_id: str
+    user_identity: KnownIdentity
+    instant_key_id: str
+    expires_at: AwareDatetime
+    channel: ChannelName
+    provider_message_id: str = Field(description="The Twilio message SID or the email Message-ID")
+    minted: bool = Field(description="False when an existing key was delivered again")
+
+
+class AccessDeliveryFailed(OutcomeBase):
+    """Published by the worker when a grant is dead-lettered: no link was delivered for it."""
+
+    model_config = ConfigDict(title="access.delivery_failed v1")
+    type: Literal["access.delivery_failed"] = "access.delivery_failed"
+    event_id: str
+    grant_id: str
+    user_identity: KnownIdentity
+    reason: str = Field(description="The dead letter's x-ikw-reason, e.g. no_channel_accepted")
+    error: str = Field(description="One line; never a link or a contact")
+
+
+class KeyDeleted(OutcomeBase):
+    """Published by the worker when it deleted an Instant Key from Seam."""
+
+    model_config = ConfigDict(title="instant_key.deleted v1")
+    type: Literal["instant_key.deleted"] = "instant_key.deleted"
+    instant_key_id: str
+    user_identity: KnownIdentity
+    why: DeletedWhy
+
+
+Announcement = AccessDelivered | AccessDeliveryFailed | KeyDeleted
+ANNOUNCEMENTS = ("access.delivered", "access.delivery_failed", "instant_key.deleted")
 
 Event = AccessGranted | AccessRevoked | KeyCleanup
 MODELS: dict[tuple[str, int], type[Model]] = {

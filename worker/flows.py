@@ -9,10 +9,29 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from worker.errors import Abandoned, ChannelRefused, Permanent, SeamRejected, Transient
-from worker.events import AccessGranted, AccessRevoked, IdentityRef, KeyCleanup
+from worker.events import (
+    AccessDelivered,
+    AccessGranted,
+    AccessRevoked,
+    ChannelName,
+    DeletedWhy,
+    IdentityRef,
+    KeyCleanup,
+    KeyDeleted,
+    KnownIdentity,
+)
 from worker.guest_name import clean_name
 from worker.logs import mask_email, mask_phone
-from worker.ports import Channel, Fence, InstantKey, KeyMessage, Scheduler, Seam, UserIdentity
+from worker.ports import (
+    Announcer,
+    Channel,
+    Fence,
+    InstantKey,
+    KeyMessage,
+    Scheduler,
+    Seam,
+    UserIdentity,
+)
 
 log = logging.getLogger("worker.flows")
 
@@ -57,6 +76,7 @@ class Action(StrEnum):
     REVOKED = "revoked"
     CLEANED_UP = "cleaned_up"
     CLEANUP_RESCHEDULED = "cleanup_rescheduled"
+    UNHEARD = "unheard"  # our own outcome event that no booking system listens to: dropped
 
 
 @dataclass
@@ -78,6 +98,7 @@ class Flows:
         channels: Mapping[str, Channel],
         scheduler: Scheduler,
         fence: Fence,
+        announcer: Announcer,
         *,
         min_key_lifetime: timedelta,
         revoke_retention: timedelta = timedelta(days=30),
@@ -87,6 +108,7 @@ class Flows:
         self.channels = channels
         self.scheduler = scheduler
         self.fence = fence
+        self.announcer = announcer
         self.min_key_lifetime = min_key_lifetime
         self.revoke_retention = revoke_retention
         self.clock = clock
@@ -119,7 +141,7 @@ class Flows:
             # A revoke another replica recorded while we minted is seen now, before delivery.
             if self._fenced(event, names):
                 if minted:
-                    await self.seam.delete_instant_key(key.instant_key_id)
+                    await self._delete(key, "revoked")
                 return Outcome(
                     Action.FENCED, key_id=key.instant_key_id, minted=minted, deleted=int(minted)
                 )
@@ -132,6 +154,22 @@ class Flows:
                 url=key.instant_key_url,
             )
             channel, sent_id = await self._deliver(message, event.delivery.channels, still_held)
+        await self.announcer.announce(
+            AccessDelivered(
+                occurred_at=self.clock(),
+                event_id=event.event_id,
+                grant_id=event.grant_id,
+                user_identity=KnownIdentity(
+                    user_identity_id=identity.user_identity_id,
+                    user_identity_key=identity.user_identity_key or guest.user_identity_key,
+                ),
+                instant_key_id=key.instant_key_id,
+                expires_at=key.expires_at,
+                channel=channel,
+                provider_message_id=sent_id,
+                minted=minted,
+            )
+        )
         return Outcome(
             Action.GRANTED,
             channel=channel,
@@ -152,7 +190,7 @@ class Flows:
             if identity is None:
                 return Outcome(Action.REVOKED)  # nothing of theirs exists in Seam
             keys = await self.seam.list_instant_keys(identity.user_identity_id)
-            await self._each(keys, lambda key: self.seam.delete_instant_key(key.instant_key_id))
+            await self._each(keys, lambda key: self._delete(key, "revoked"))
         return Outcome(Action.REVOKED, deleted=len(keys))
 
     async def cleanup(self, event: KeyCleanup) -> Outcome:
@@ -171,7 +209,7 @@ class Flows:
                 "the key belongs to another identity than the cleanup names",
                 reason="key_identity_mismatch",
             )
-        await self.seam.delete_instant_key(event.instant_key_id)
+        await self._delete(key, "expired")
         return Outcome(Action.CLEANED_UP, key_id=event.instant_key_id, deleted=1)
 
     def _fenced(self, event: AccessGranted, names: Iterable[str]) -> bool:
@@ -281,13 +319,24 @@ class Flows:
     async def _converge(self, keys: list[InstantKey]) -> InstantKey:
         """Keep the earliest created key (ties: smallest id) and delete the others."""
         keep, *extra = sorted(keys, key=lambda k: (k.created_at, k.instant_key_id))
-        await self._each(extra, lambda key: self.seam.delete_instant_key(key.instant_key_id))
+        await self._each(extra, lambda key: self._delete(key, "converged"))
         if extra:
             log.info(
                 "deleted duplicate instant keys",
                 extra={"ctx": {"kept": keep.instant_key_id, "deleted": len(extra)}},
             )
         return keep
+
+    async def _delete(self, key: InstantKey, why: DeletedWhy) -> None:
+        await self.seam.delete_instant_key(key.instant_key_id)
+        await self.announcer.announce(
+            KeyDeleted(
+                occurred_at=self.clock(),
+                instant_key_id=key.instant_key_id,
+                user_identity=KnownIdentity(user_identity_id=key.user_identity_id),
+                why=why,
+            )
+        )
 
     async def _schedule(self, keys: list[InstantKey]) -> None:
         now = self.clock()
@@ -316,8 +365,8 @@ class Flows:
                 raise result
 
     async def _deliver(
-        self, message: KeyMessage, order: Sequence[str], still_held: Callable[[], bool]
-    ) -> tuple[str, str]:
+        self, message: KeyMessage, order: Sequence[ChannelName], still_held: Callable[[], bool]
+    ) -> tuple[ChannelName, str]:
         """The channel that took the message, and the provider's id for it."""
         refusals = []
         for name in order:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from worker.events import Announcement
+
 
 @dataclass(frozen=True)
 class UserIdentity:
@@ -112,3 +114,9 @@ class Fence(Protocol):
     async def wait_caught_up(self) -> None:
         """Until this replica has read every revoke recorded before it (re)connected; raises
         Transient when that takes too long."""
+
+
+class Announcer(Protocol):
+    async def announce(self, outcome: Announcement) -> None:
+        """Tell the booking systems (confirmed); a failure is logged, never raised: the work it
+        reports is done and must not be redone for it."""

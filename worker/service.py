@@ -127,6 +127,7 @@ class Service:
             self.channels,
             publisher,
             self.fence,
+            publisher,
             min_key_lifetime=self.settings.min_key_lifetime,
             revoke_retention=self.settings.revoke_retention,
         )

@@ -9,7 +9,15 @@ import pytest
 
 from tests.builders import body, grant, revoke
 from worker.errors import ChannelRefused, Permanent, SeamRejected
-from worker.events import AccessGranted, AccessRevoked, KeyCleanup, parse
+from worker.events import (
+    AccessDelivered,
+    AccessGranted,
+    AccessRevoked,
+    Announcement,
+    KeyCleanup,
+    KeyDeleted,
+    parse,
+)
 from worker.flows import Action, Flows
 from worker.ports import InstantKey, KeyMessage, UserIdentity
 
@@ -110,11 +118,21 @@ class MemoryFence:
         pass
 
 
-FENCE = MemoryFence()
+class Heard:
+    """The outcome events the flows announced."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Announcement] = []
+
+    async def announce(self, outcome: Announcement) -> None:
+        self.outcomes.append(outcome)
 
 
 def flows(
-    seam: MemorySeam, *channels: Recorder, fence: MemoryFence | None = None
+    seam: MemorySeam,
+    *channels: Recorder,
+    fence: MemoryFence | None = None,
+    heard: Heard | None = None,
 ) -> tuple[Flows, Scheduled]:
     scheduled = Scheduled()
     ports = {c.name: c for c in channels}
@@ -123,6 +141,7 @@ def flows(
         ports,
         scheduled,
         fence or MemoryFence(),
+        heard or Heard(),
         min_key_lifetime=timedelta(hours=1),
         clock=lambda: NOW,
     )
@@ -312,3 +331,31 @@ async def test_a_cleanup_deletes_only_a_key_of_the_identity_it_names() -> None:
     assert key.instant_key_id in seam.keys
     assert (await flow.cleanup(cleanup(key.instant_key_id))).deleted == 1
     assert (await flow.cleanup(cleanup(key.instant_key_id))).deleted == 0  # gone: done
+
+
+async def test_the_booking_system_hears_of_the_delivery_and_of_every_deletion() -> None:
+    seam, heard = MemorySeam(), Heard()
+    seam.rival = InstantKey("rival", "ui-1", NOW, NOW + timedelta(hours=48), "https://ik/rival")
+    flow, _ = flows(seam, Recorder("sms"), heard=heard)
+    grant_event = event()
+    await flow.grant(grant_event)
+    converged, delivered = heard.outcomes
+    assert isinstance(converged, KeyDeleted) and converged.why == "converged"
+    assert isinstance(delivered, AccessDelivered)
+    assert (delivered.event_id, delivered.grant_id) == (grant_event.event_id, grant_event.grant_id)
+    assert (delivered.instant_key_id, delivered.channel, delivered.minted) == (
+        "rival",
+        "sms",
+        False,
+    )
+    assert delivered.provider_message_id == "id"
+    assert "https://ik/" not in delivered.model_dump_json()
+    assert "+1415" not in delivered.model_dump_json()
+
+    await flow.cleanup(cleanup("rival"))
+    assert heard.outcomes[-1] == KeyDeleted(
+        occurred_at=NOW,
+        instant_key_id="rival",
+        user_identity=converged.user_identity,
+        why="expired",
+    )

@@ -17,7 +17,17 @@ def test_asyncapi_names_the_exchange_and_routing_keys() -> None:
     doc = json.loads((SCHEMAS / "asyncapi.json").read_text())
     assert doc["asyncapi"].startswith("3.")
     addresses = {c["address"] for c in doc["channels"].values()}
-    assert addresses == {"access.granted", "access.revoked"}
+    assert addresses == {
+        "access.granted",
+        "access.revoked",
+        "access.delivered",
+        "access.delivery_failed",
+        "instant_key.deleted",
+    }
+    actions = {
+        op["channel"]["$ref"].rsplit("/", 1)[1]: op["action"] for op in doc["operations"].values()
+    }
+    assert actions["access_granted"] == "send" and actions["access_delivered"] == "receive"
     exchanges = {c["bindings"]["amqp"]["exchange"]["name"] for c in doc["channels"].values()}
     assert exchanges == {"instant_keys"}
 

@@ -34,7 +34,17 @@ from worker.broker.decision import (
 from worker.broker.headers import Bookkeeping
 from worker.broker.publisher import Publisher
 from worker.errors import CredentialsRefused, Permanent, Transient
-from worker.events import AccessGranted, AccessRevoked, Event, KeyCleanup, event_key, parse
+from worker.events import (
+    ANNOUNCEMENTS,
+    AccessDeliveryFailed,
+    AccessGranted,
+    AccessRevoked,
+    Event,
+    KeyCleanup,
+    KnownIdentity,
+    event_key,
+    parse,
+)
 from worker.flows import Action, Flows, Outcome
 from worker.metrics import Metrics
 from worker.queues import Names
@@ -125,9 +135,10 @@ class Consumer:
         }
         outcome: Outcome | None = None
         error: Exception | None = None
+        parsed: list[Event] = []
         try:
             try:
-                outcome = await self._work(queue, message, producer, ctx)
+                outcome = await self._work(queue, message, producer, ctx, parsed)
             except Exception as exc:
                 error = exc
             try:
@@ -142,6 +153,8 @@ class Consumer:
                 settled = await asyncio.shield(
                     self._carry_out(decided, queue, message, book, producer, error, ctx)
                 )
+                if settled is Settled.DEAD_LETTERED and isinstance(decided, DeadLetter):
+                    await asyncio.shield(self._announce_failure(parsed, decided))
             except Exception as exc:
                 settled = await asyncio.shield(self._give_back(message, exc))
             if outcome is not None:
@@ -162,9 +175,12 @@ class Consumer:
         message: AbstractIncomingMessage,
         producer: str | None,
         ctx: dict[str, Any],
+        parsed: list[Event],
     ) -> Outcome:
         takes = self._takes[queue]
         if takes is None:
+            if message.user_id == self.trust.worker and message.routing_key in ANNOUNCEMENTS:
+                return Outcome(Action.UNHEARD)  # our own outcome event, with nobody listening
             raise Permanent(
                 f"no queue takes routing key {_printable(message.routing_key)!r}",
                 reason="unroutable",
@@ -172,6 +188,7 @@ class Consumer:
         check_publisher(takes, message.user_id, producer, self.trust)
         event = parse(message.body, message.content_type, message.content_encoding)
         ctx["event"] = event_key(event)
+        parsed.append(event)
         check_event(takes, event, producer, self.trust)
         seconds = self.deadline.total_seconds()
         try:
@@ -288,6 +305,25 @@ class Consumer:
         except BROKER_ERRORS:
             pass  # the channel is gone: the broker has it back already
         return Settled.RETURNED if exc is not None else Settled.REDELIVERED
+
+    async def _announce_failure(self, parsed: list[Event], dead: DeadLetter) -> None:
+        """A grant that will deliver nothing: its booking system hears why."""
+        if not parsed or not isinstance(parsed[0], AccessGranted):
+            return
+        event = parsed[0]
+        await self.publisher.announce(
+            AccessDeliveryFailed(
+                occurred_at=datetime.now(UTC),
+                event_id=event.event_id,
+                grant_id=event.grant_id,
+                user_identity=KnownIdentity(
+                    user_identity_id=event.user_identity.user_identity_id,
+                    user_identity_key=event.user_identity.user_identity_key,
+                ),
+                reason=dead.reason,
+                error=dead.error,
+            )
+        )
 
     def _count(self, outcome: Outcome, ctx: dict[str, Any]) -> None:
         ctx.update(_describe(outcome))

@@ -1,14 +1,19 @@
 """Confirmed, mandatory publishes: events, delayed messages (via the delay levels), dead letters."""
 
+import logging
 import math
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, HeadersType
 
-from worker.events import KeyCleanup
+from worker.broker.connect import BROKER_ERRORS
+from worker.events import Announcement, KeyCleanup
 from worker.queues import LEVELS, Names
+
+log = logging.getLogger("worker.publisher")
 
 MAX_DELAY = 2**LEVELS - 1  # seconds, about 8.5 years
 CONFIRM_TIMEOUT = 15.0  # seconds to wait for the broker's confirm before calling it failed
@@ -84,3 +89,13 @@ class Publisher:
         await self.delayed(
             self.names.cleanup, body.encode(), seconds, message_id=f"cleanup-{instant_key_id}"
         )
+
+    async def announce(self, outcome: Announcement) -> None:
+        """An outcome event on the main exchange, routing key = its type, for booking systems
+        to bind to. With no queue bound it falls to the alternate exchange and is dropped."""
+        try:
+            await self.publish_event(
+                outcome.type, outcome.model_dump_json().encode(), str(uuid.uuid4())
+            )
+        except BROKER_ERRORS as exc:
+            log.warning("could not publish the %s outcome (%s)", outcome.type, type(exc).__name__)

@@ -1,0 +1,131 @@
+"""The booking system hears back: outcome events on the main exchange, consumed from a queue bound
+to them as a booking system would bind one, never with the link or a full contact."""
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import pytest
+
+from tests.builders import grant, revoke
+from tests.integration.conftest import drain
+from worker.broker.topology import Names
+from worker.sandbox import wait_for
+from worker.sandbox.all import Sandbox
+from worker.service import Service
+
+StartWorker = Callable[..., Awaitable[Service]]
+Publish = Callable[..., Awaitable[None]]
+KINDS = ("access.delivered", "access.delivery_failed", "instant_key.deleted")
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.heard: list[tuple[str, dict[str, Any], bytes]] = []
+
+    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        await message.ack()
+        self.heard.append((message.routing_key or "", json.loads(message.body), message.body))
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [body for key, body, _ in self.heard if key == kind]
+
+
+@pytest.fixture
+async def listener(amqp: Any, names: Names) -> AsyncIterator[Listener]:
+    """A booking system's own queue, bound to the outcome routing keys."""
+    channel = await amqp.channel()
+    queue = await channel.declare_queue(exclusive=True)
+    for kind in KINDS:
+        await queue.bind(names.exchange, kind)
+    heard = Listener()
+    await queue.consume(heard.on_message)
+    yield heard
+    await channel.close()
+
+
+def no_secrets(listener: Listener, sandbox: Sandbox) -> None:
+    raw = b"".join(body for _, _, body in listener.heard).decode()
+    for key in sandbox.seam.issued:
+        assert key["instant_key_url"] not in raw
+    assert "+1415555" not in raw and "@example.com" not in raw
+
+
+async def test_a_delivery_is_announced_with_its_provider_id(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, listener: Listener
+) -> None:
+    await start_worker()
+    event = grant("guest-48213", phone="+14155550100")
+    await publish(event)
+    await wait_for(lambda: listener.of("access.delivered"), 15, "access.delivered")
+
+    [delivered] = listener.of("access.delivered")
+    [key] = sandbox.seam.keys.values()
+    [sms] = sandbox.twilio.outbox
+    assert delivered["event_id"] == event["event_id"]
+    assert delivered["grant_id"] == event["grant_id"]
+    assert delivered["user_identity"] == {
+        "user_identity_id": key["user_identity_id"],
+        "user_identity_key": "guest-48213",
+    }
+    assert (delivered["instant_key_id"], delivered["channel"]) == (key["instant_key_id"], "sms")
+    assert delivered["provider_message_id"] == sms["sid"]
+    assert delivered["minted"] is True
+    no_secrets(listener, sandbox)
+
+
+async def test_a_dead_lettered_grant_is_announced_as_failed(
+    sandbox: Sandbox,
+    start_worker: StartWorker,
+    publish: Publish,
+    listener: Listener,
+    worker_env: dict[str, str],
+) -> None:
+    for name in ("SMTP_HOST", "EMAIL_FROM"):
+        del worker_env[name]
+    await start_worker()
+    event = grant("guest-opted-out", phone="+15005550004", channels=("sms",))
+    await publish(event)
+    await wait_for(lambda: listener.of("access.delivery_failed"), 15, "access.delivery_failed")
+    [failed] = listener.of("access.delivery_failed")
+    assert (failed["event_id"], failed["grant_id"]) == (event["event_id"], event["grant_id"])
+    assert failed["reason"] == "no_channel_accepted"
+    assert "21610" in failed["error"]
+    assert "+15005550004" not in json.dumps(failed)
+
+
+async def test_every_deletion_is_announced_with_why(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, listener: Listener
+) -> None:
+    sandbox.seam.key_lifetime = 2
+    await start_worker(IKW_MIN_KEY_LIFETIME="0")
+    await publish(grant("guest-expiring", phone="+14155550101", email="e@example.com"))
+    await wait_for(lambda: listener.of("instant_key.deleted"), 20, "the expired key's deletion")
+    [expired] = listener.of("instant_key.deleted")
+    assert expired["why"] == "expired"
+
+    sandbox.seam.key_lifetime = 3600
+    await publish(grant("guest-leaving", phone="+14155550102", email="l@example.com"))
+    await wait_for(lambda: len(listener.of("access.delivered")) == 2, 15, "the second delivery")
+    await publish(revoke("guest-leaving"))
+    await wait_for(lambda: len(listener.of("instant_key.deleted")) == 2, 15, "the revoke")
+    revoked = listener.of("instant_key.deleted")[1]
+    assert revoked["why"] == "revoked"
+    assert revoked["instant_key_id"] == listener.of("access.delivered")[1]["instant_key_id"]
+    no_secrets(listener, sandbox)
+
+
+async def test_with_nobody_listening_outcomes_are_dropped_not_dead_lettered(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names, amqp: Any
+) -> None:
+    service = await start_worker()
+    await publish(grant())
+    await wait_for(
+        lambda: service.metrics.registry.get_sample_value(
+            "ikw_messages_total", {"queue": names.unroutable, "outcome": "acked"}
+        ),
+        15,
+        "the unheard outcome to be dropped",
+    )
+    assert await drain(amqp, names.dead) == []
