@@ -262,6 +262,8 @@ class Consumer:
             "headers": headers.foreign(message.headers) | headers.write(book),
             "message_id": message.message_id,
             "content_type": message.content_type,
+            # Kept, so the copy (a retry, a dead letter, its replay) reads as the original did.
+            "content_encoding": message.content_encoding,
         }
         try:
             if retry is not None:
