@@ -471,6 +471,7 @@ async def _replay_one(publisher: Publisher, letter: DeadLetter) -> str | None:
             headers=headers.for_replay(message.headers, message.user_id, publisher.user_id or ""),
             message_id=message.message_id,
             content_type=message.content_type,
+            content_encoding=message.content_encoding,
         )
     except BROKER_ERRORS as exc:
         return f"{letter.id}: not republished ({type(exc).__name__}); it stays a dead letter"

@@ -51,6 +51,8 @@ from worker.queues import Names
 
 log = logging.getLogger("worker.consumer")
 
+CANCEL_TIMEOUT = 2.0  # seconds to stop a consumer; past it the broker is gone and so is it
+
 
 class Consumer:
     def __init__(
@@ -93,13 +95,18 @@ class Consumer:
                 self._tags[name] = await queue.consume(partial(self._on_message, name))
 
     async def pause(self) -> None:
-        """Stop taking new messages; those in flight go on."""
-        for name, tag in list(self._tags.items()):
-            del self._tags[name]
-            try:
-                await self._queues[name].cancel(tag)
-            except BROKER_ERRORS:
-                log.warning("could not cancel consumer", extra={"ctx": {"queue": name}})
+        """Stop taking new messages; those in flight go on. Bounded: with the broker gone, a
+        robust queue's cancel would wait for the reconnect, for ever."""
+        tags = list(self._tags.items())
+        self._tags.clear()
+        await asyncio.gather(*(self._cancel(name, tag) for name, tag in tags))
+
+    async def _cancel(self, name: str, tag: str) -> None:
+        try:
+            # The robust queue forgets the consumer first, so a reconnect will not restore it.
+            await asyncio.wait_for(self._queues[name].cancel(tag), CANCEL_TIMEOUT)
+        except BROKER_ERRORS:
+            log.warning("could not cancel consumer", extra={"ctx": {"queue": name}})
 
     async def stop(self, grace: float) -> int:
         """Pause, let in-flight messages finish within ``grace`` seconds, cancel the rest.
@@ -272,6 +279,8 @@ class Consumer:
             "headers": headers.foreign(message.headers) | headers.write(book),
             "message_id": message.message_id,
             "content_type": message.content_type,
+            # Kept, so the copy (a retry, a dead letter, its replay) reads as the original did.
+            "content_encoding": message.content_encoding,
         }
         try:
             if retry is not None:

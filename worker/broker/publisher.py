@@ -51,12 +51,14 @@ class Publisher:
         headers: HeadersType | None = None,
         message_id: str | None = None,
         content_type: str | None = "application/json",
+        content_encoding: str | None = None,
     ) -> None:
         """Raises when the broker nacks or returns (unroutable) the message."""
         message = aio_pika.Message(
             body,
             headers=headers or {},
             content_type=content_type,
+            content_encoding=content_encoding,
             message_id=message_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             user_id=self.user_id,
