@@ -49,6 +49,12 @@ def identity_names(user_identity_id: str | None, user_identity_key: str | None) 
     return names + ([f"id:{user_identity_id}"] if user_identity_id else [])
 
 
+def _retrieved(task: "asyncio.Future[InstantKey]") -> None:
+    """A mint whose message gave up first fails silently: the retry finds the key, or not."""
+    if not task.cancelled():
+        task.exception()
+
+
 class KeyedLocks:
     """One asyncio.Lock per name, dropped when nobody holds or waits for it."""
 
@@ -286,13 +292,11 @@ class Flows:
             ids = {key.instant_key_id for key in usable}
             await self._schedule([k for k in before if k.instant_key_id not in ids] + [kept])
             return kept, False
-        minted = await self.seam.generate_instant_key(
-            user_identity_id,
-            customization_profile_id=event.instant_key.customization_profile_id,
-            max_use_count=event.instant_key.max_use_count,
-        )
-        # Scheduled at once, whatever its lifetime: no minted key is ever left without one.
-        await self._schedule([minted, *before])
+        # Generated and scheduled in one step that a deadline or a shutdown cannot cut in two:
+        # no minted key is ever left without its timer, whatever its lifetime.
+        minting = asyncio.ensure_future(self._mint(user_identity_id, event, before))
+        minting.add_done_callback(_retrieved)
+        minted = await asyncio.shield(minting)
         # Another replica may have minted one at the same time: list again and converge on the
         # earliest of the keys that are new since our first look.
         old = {key.instant_key_id for key in before}
@@ -304,6 +308,17 @@ class Flows:
         if kept.instant_key_id != minted.instant_key_id:
             await self._schedule([kept])  # its minter may have died before scheduling it
         return kept, kept.instant_key_id == minted.instant_key_id
+
+    async def _mint(
+        self, user_identity_id: str, event: AccessGranted, before: list[InstantKey]
+    ) -> InstantKey:
+        minted = await self.seam.generate_instant_key(
+            user_identity_id,
+            customization_profile_id=event.instant_key.customization_profile_id,
+            max_use_count=event.instant_key.max_use_count,
+        )
+        await self._schedule([minted, *before])
+        return minted
 
     def _usable(self, keys: list[InstantKey]) -> list[InstantKey]:
         """Keys worth delivering again: at least IKW_MIN_KEY_LIFETIME left, or, for keys Seam

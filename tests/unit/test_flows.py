@@ -1,6 +1,7 @@
 """The flows over in-memory ports: reuse, convergence across replicas, channel order, timers for
 every key, returning guests, the revocation fence and checked cleanups."""
 
+import asyncio
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -96,11 +97,13 @@ class Scheduled:
     def __init__(self) -> None:
         self.keys: list[str] = []
         self.fail = False
+        self.one = asyncio.Event()
 
     async def schedule_cleanup(self, instant_key_id: str, user_identity_id: str, _: object) -> None:
         if self.fail:
             raise ConnectionError("the broker is gone")
         self.keys.append(instant_key_id)
+        self.one.set()
 
 
 class MemoryFence:
@@ -359,3 +362,22 @@ async def test_the_booking_system_hears_of_the_delivery_and_of_every_deletion() 
         user_identity=converged.user_identity,
         why="expired",
     )
+
+
+async def test_a_deadline_during_generation_still_leaves_the_minted_key_a_timer() -> None:
+    seam = MemorySeam()
+    slow = asyncio.Event()
+    real_generate = seam.generate_instant_key
+
+    async def generate(user_identity_id: str, **options: object) -> InstantKey:
+        await slow.wait()  # Seam answers after the message's deadline has passed
+        return await real_generate(user_identity_id, **options)
+
+    seam.generate_instant_key = generate  # type: ignore[method-assign]
+    flow, scheduled = flows(seam, Recorder("sms"))
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await flow.grant(event())
+    slow.set()
+    await asyncio.wait_for(scheduled.one.wait(), 5)
+    assert scheduled.keys == list(seam.keys)
