@@ -253,6 +253,9 @@ async def test_producer_may_do_nothing_else(
     await refused(producer, lambda ch: ch.declare_exchange(f"{names.namespace}.mine"))
     await refused(producer, lambda ch: _bind(ch, names.grants, main, "access.#"))
     await refused(producer, lambda ch: ch.queue_delete(names.grants))
+    # Its own queue may hear the outcome events, never the other producers' events.
+    for key in ["access.granted", "access.revoked", "#", "access.*", "instant_key.cleanup"]:
+        await refused(producer, lambda ch, key=key: _listen(ch, main, key))
     # Someone else's name on its event.
     for other in [broker.user(WORKER), "guest"]:
         await refused(
@@ -266,6 +269,27 @@ async def test_producer_may_do_nothing_else(
     for queue in every_queue(names):
         declared = await counts.get_queue(queue)
         assert declared.declaration_result.message_count == 0, queue
+
+
+async def test_producer_listens_to_the_outcome_events_on_its_own_queue(
+    broker: Broker, admin: AbstractConnection, connect: Connect
+) -> None:
+    producer = await connect(PRODUCER)
+    channel = await producer.channel()
+    heard = await _listen(channel, broker.names.exchange, "access.delivered")
+    for key in ("access.delivery_failed", "instant_key.deleted"):
+        await heard.bind(broker.names.exchange, key)
+    worker = await connect(WORKER)
+    sending = await worker.channel(publisher_confirms=True)
+    await publish(sending, broker.names.exchange, "access.delivered", message(broker.user(WORKER)))
+    got = await heard.get(timeout=5, fail=False)
+    assert got is not None and got.routing_key == "access.delivered"
+
+
+async def _listen(channel: AbstractChannel, exchange: str, key: str) -> aio_pika.abc.AbstractQueue:
+    queue = await channel.declare_queue("booking.outcomes", durable=True)
+    await queue.bind(exchange, key)
+    return queue
 
 
 async def _consume(channel: AbstractChannel, queue: str) -> None:
