@@ -277,8 +277,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from worker.service import Service, StartError
 
-        logs.setup()
-        settings = config.load()
+        settings = config.load()  # a ConfigError is printed, not logged
+        logs.setup(settings.log_level)
         try:
             await Service(settings).run()
         except StartError as exc:

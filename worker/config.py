@@ -39,6 +39,7 @@ VARIABLES: tuple[tuple[str, str], ...] = (
     ("IKW_DECLARE", "declare the topology at start (default true; false: check only)"),
     ("IKW_ALLOW_INSECURE", "allow plaintext or unverified transport to remote hosts"),
     ("SMTP_CA_FILE", "CA bundle for the SMTP server's certificate"),
+    ("IKW_LOG_LEVEL", "debug, info (default), warning or error"),
 )
 
 
@@ -89,6 +90,7 @@ class Settings:
     trusted_publishers: Publishers = field(default_factory=dict)
     revoke_retention: timedelta = timedelta(days=30)
     declare: bool = True
+    log_level: str = "info"
 
     @property
     def broker_user(self) -> str:
@@ -108,6 +110,7 @@ def parse_duration(raw: str) -> timedelta | None:
     return timedelta(seconds=float(match[1]) * _UNITS[match[2]]) if match else None
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
 SECRETS = ("SEAM_API_KEY", "TWILIO_AUTH_TOKEN", "SMTP_PASSWORD", "AMQP_URL")
 
 
@@ -197,7 +200,12 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         trusted_publishers=_publishers(r),
         revoke_retention=r.duration("IKW_REVOKE_RETENTION", Settings.revoke_retention),
         declare=r.flag("IKW_DECLARE", Settings.declare),
+        log_level=(r.text("IKW_LOG_LEVEL") or Settings.log_level).lower(),
     )
+    if settings.log_level not in LOG_LEVELS:
+        r.problems.append(
+            f"IKW_LOG_LEVEL: must be debug, info, warning or error, got {settings.log_level[:20]!r}"
+        )
     if settings.revoke_retention < settings.max_retry_age:
         r.problems.append(
             "IKW_REVOKE_RETENTION: must be at least IKW_MAX_RETRY_AGE, so a revoke is remembered "

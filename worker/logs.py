@@ -100,7 +100,7 @@ def setup(level: str = "INFO") -> None:
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper())
     # Libraries that would log request bodies (the SMS body holds the key's URL) stay quiet.
     for noisy in ("twilio", "aiormq", "aio_pika", "aiohttp.access", "mail.log"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

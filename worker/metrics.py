@@ -1,6 +1,25 @@
 """Prometheus metrics: outcomes by queue, dead letters by reason, deliveries by channel."""
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import json
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+
+from aio_pika.abc import AbstractIncomingMessage
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from worker.errors import REASONS
+
+# From a tenth of a second to an hour: a healthy backlog is seconds; an alert is minutes.
+WAIT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+_WAIT_BODY_LIMIT = 64 * 1024  # the consumer refuses larger bodies anyway
+
+
+def version() -> str:
+    try:
+        return metadata.version("instant-key-worker")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class Metrics:
@@ -16,6 +35,9 @@ class Metrics:
         self.dead_letters = Counter(
             "ikw_dead_letters", "Messages dead-lettered, by reason", ["reason"], registry=r
         )
+        # Every reason starts at 0, so increase() sees the first dead letter of each.
+        for reason in sorted(REASONS):
+            self.dead_letters.labels(reason)
         self.deliveries = Counter(
             "ikw_deliveries", "Instant Keys delivered, by channel", ["channel"], registry=r
         )
@@ -25,8 +47,56 @@ class Metrics:
         self.seconds = Histogram(
             "ikw_handle_seconds", "Time to handle one message", ["queue"], registry=r
         )
+        self.queue_wait = Histogram(
+            "ikw_queue_wait_seconds",
+            "Time from publish (AMQP timestamp, else the event's occurred_at) to the start of "
+            "handling; messages back from the delay queues (retries, cleanups) are not counted",
+            ["queue"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge("ikw_in_flight", "Messages being handled now", registry=r)
         self.ready = Gauge("ikw_ready", "1 when consuming, 0 when paused or stopping", registry=r)
+        self.credentials = Gauge(
+            "ikw_credentials_refused",
+            "1 while the worker is paused because this service refuses its credentials",
+            ["service"],
+            registry=r,
+        )
+        self._services = {"seam"}  # the others appear when they first refuse, then stay
+        self.credentials.labels("seam")
+        self.build = Info("ikw_build", "Version of the worker and of Python", registry=r)
+        self.build.info({"version": version(), "python": platform.python_version()})
+
+    def refused(self, service: str) -> None:
+        """Paused for ``service`` (1), every other service 0; "" when consuming again."""
+        if service:
+            self._services.add(service)
+        for known in self._services:
+            self.credentials.labels(known).set(float(known == service))
+
+    def observe_wait(self, queue: str, message: AbstractIncomingMessage) -> None:
+        """How long ``message`` waited before a worker took it. Never raises."""
+        if message.headers and "x-death" in message.headers:
+            return  # through the delay queues: the wait was scheduled, not backlog
+        sent = message.timestamp or _occurred_at(message.body)
+        if sent is None:
+            return
+        if sent.tzinfo is None:
+            sent = sent.replace(tzinfo=UTC)
+        waited = (datetime.now(UTC) - sent).total_seconds()
+        self.queue_wait.labels(queue).observe(max(waited, 0.0))  # clocks skew: never below 0
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _occurred_at(body: bytes) -> datetime | None:
+    if len(body) > _WAIT_BODY_LIMIT:
+        return None
+    try:
+        event = json.loads(body)
+        raw = event.get("occurred_at") if isinstance(event, dict) else None
+        return datetime.fromisoformat(raw) if isinstance(raw, str) else None
+    except (ValueError, RecursionError):  # JSON, UTF-8, ISO 8601; absurd nesting
+        return None

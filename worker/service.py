@@ -181,6 +181,7 @@ class Service:
         assert self.consumer is not None
         if exc is not None:
             self._paused_by = exc.service
+            self.metrics.refused(exc.service)
             await self.consumer.pause()
         delay, refused = 1.0, False
         while not self.stopping.is_set():
@@ -196,11 +197,13 @@ class Service:
                 )
                 refused = True
                 self._paused_by = error.service
+                self.metrics.refused(error.service)
             try:
                 await asyncio.wait_for(self.stopping.wait(), delay)
             except TimeoutError:
                 delay = min(delay * 2, CHECK_BACKOFF_CAP)
         self._paused_by = ""
+        self.metrics.refused("")
         if not self.stopping.is_set():
             await self.consumer.resume()
             log.info("credentials accepted again: consuming" if refused else "consuming")

@@ -5,6 +5,8 @@ import hashlib
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -108,3 +110,93 @@ def test_kubernetes_secret_keys() -> None:
     assert urlsplit(secret["stringData"]["amqp-url"]).username == "ikw-worker"
     assert urlsplit(secret["stringData"]["amqp-admin-url"]).username == "ikw-admin"
     assert config["data"]["IKW_DECLARE"] == "false"
+
+
+KUBECTL = shutil.which("kubectl")
+
+
+def render(directory: str) -> list[dict[str, Any]]:
+    """``kubectl kustomize`` of a directory under deploy/, or, without kubectl, the files its
+    kustomization lists (and those of its components), minus what they patch away."""
+    if KUBECTL:
+        out = subprocess.run(
+            [KUBECTL, "kustomize", str(DEPLOY / directory)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        return [doc for doc in yaml.safe_load_all(out) if doc]
+    docs: list[dict[str, Any]] = []
+    deleted: set[tuple[str, str]] = set()
+
+    def walk(path: Path) -> None:
+        [kustomization] = load(path / "kustomization.yaml")
+        for entry in kustomization.get("resources", []) + kustomization.get("components", []):
+            target = (path / entry).resolve()
+            if target.is_dir():
+                walk(target)
+            else:
+                docs.extend(load(target))
+        for patch in kustomization.get("patches", []):
+            body = yaml.safe_load(patch["patch"])
+            if body.get("$patch") == "delete":
+                deleted.add((body["kind"], body["metadata"]["name"]))
+
+    walk(DEPLOY / directory)
+    return [d for d in docs if (d["kind"], d["metadata"]["name"]) not in deleted]
+
+
+def by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for doc in docs:
+        kinds.setdefault(doc["kind"], []).append(doc)
+    return kinds
+
+
+def test_default_scales_on_cpu_only() -> None:
+    kinds = by_kind(render("kubernetes"))
+    assert sorted(kinds) == [
+        "ConfigMap",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "Job",
+        "PodDisruptionBudget",
+    ]
+    [hpa] = kinds["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == kinds["Deployment"][0]["metadata"]["name"]
+
+
+def test_keda_variant_scales_on_the_grants_queue_instead_of_cpu() -> None:
+    kinds = by_kind(render("kubernetes-keda"))
+    assert "HorizontalPodAutoscaler" not in kinds  # KEDA's own HPA and ours would fight
+    [deployment], [config] = kinds["Deployment"], kinds["ConfigMap"]
+    [scaled], [auth] = kinds["ScaledObject"], kinds["TriggerAuthentication"]
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]  # never to zero: revokes
+    namespace = config["data"]["IKW_NAMESPACE"]
+    queues = {}
+    for trigger in spec["triggers"]:
+        assert trigger["type"] == "rabbitmq"
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+        meta = trigger["metadata"]
+        assert meta["mode"] == "QueueLength" and int(meta["value"]) > 0
+        assert "host" not in meta  # the URL comes from the Secret, not the manifest
+        queues[meta["queueName"]] = meta
+    assert f"{namespace}.grants" in queues
+    [secret] = load(DEPLOY / "kubernetes/secret.template.yaml")
+    [ref] = auth["spec"]["secretTargetRef"]
+    assert ref == {"parameter": "host", "name": secret["metadata"]["name"], "key": "amqp-url"}
+
+
+def test_alert_rules_are_a_rules_file() -> None:
+    [rules] = load(DEPLOY / "prometheus/alerts.yaml")
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    for name, rule in alerts.items():
+        assert rule["expr"].count("(") == rule["expr"].count(")"), name
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"]["summary"], name
+    assert "by (reason)" in alerts["IkwDeadLetters"]["expr"]
+    assert alerts["IkwNotReady"]["expr"].strip() == "ikw_ready == 0"
+    assert alerts["IkwNotReady"]["for"] == "5m"

@@ -131,6 +131,7 @@ class Consumer:
     async def _handle(self, queue: str, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
         self.metrics.in_flight.inc()
+        self.metrics.observe_wait(queue, message)
         # x-ikw-* headers are ours: from anyone but the worker's own user they are not read.
         own = message.user_id == self.trust.worker
         book = headers.read(message.headers) if own else Bookkeeping()

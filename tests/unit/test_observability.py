@@ -1,0 +1,119 @@
+"""The queue-wait histogram, the credentials gauge and IKW_LOG_LEVEL, without a broker."""
+
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+
+from worker import config, logs
+from worker.metrics import Metrics
+
+BASE = {"SEAM_API_KEY": "k", "SMTP_HOST": "localhost", "EMAIL_FROM": "keys@example.com"}
+
+
+def message(body: bytes, **properties: Any) -> AbstractIncomingMessage:
+    fields = {"timestamp": None, "headers": {}} | properties
+    return cast(AbstractIncomingMessage, SimpleNamespace(body=body, **fields))
+
+
+def waits(metrics: Metrics) -> tuple[float, float]:
+    get = metrics.registry.get_sample_value
+    return (
+        get("ikw_queue_wait_seconds_count", {"queue": "q"}) or 0.0,
+        get("ikw_queue_wait_seconds_sum", {"queue": "q"}) or 0.0,
+    )
+
+
+def test_wait_is_from_the_timestamp_else_occurred_at() -> None:
+    metrics = Metrics()
+    ago = datetime.now(UTC) - timedelta(seconds=90)
+    metrics.observe_wait("q", message(json.dumps({"occurred_at": ago.isoformat()}).encode()))
+    # The AMQP timestamp wins over occurred_at; aio-pika may give it without a zone (UTC).
+    stamp = (datetime.now(UTC) - timedelta(seconds=30)).replace(tzinfo=None)
+    metrics.observe_wait("q", message(b'{"occurred_at": "2000-01-01T00:00:00Z"}', timestamp=stamp))
+    count, total = waits(metrics)
+    assert count == 2
+    assert 119 <= total < 125
+
+
+@pytest.mark.parametrize(
+    "body,properties",
+    [
+        (b"not json", {}),
+        (b"[1, 2]", {}),
+        (b'{"occurred_at": "yesterday"}', {}),
+        (b'{"occurred_at": 12}', {}),
+        (b"\xff\xfe", {}),
+        (b"[" * 100_000, {}),
+        (b'{"type": "instant_key.cleanup"}', {}),
+        # Back from the delay queues: a retry or a cleanup, waiting on purpose.
+        (b'{"occurred_at": "2024-01-01T00:00:00Z"}', {"headers": {"x-death": [{}]}}),
+    ],
+)
+def test_no_wait_is_counted_without_a_start_or_after_a_delay(
+    body: bytes, properties: dict[str, Any]
+) -> None:
+    metrics = Metrics()
+    metrics.observe_wait("q", message(body, **properties))
+    assert waits(metrics) == (0.0, 0.0)
+
+
+def test_a_clock_ahead_of_ours_counts_as_no_wait() -> None:
+    metrics = Metrics()
+    metrics.observe_wait("q", message(b"{}", timestamp=datetime.now(UTC) + timedelta(minutes=5)))
+    assert waits(metrics) == (1.0, 0.0)
+
+
+def test_credentials_refused_names_one_service_at_a_time() -> None:
+    metrics = Metrics()
+
+    def gauge() -> dict[str, float]:
+        [family] = [f for f in metrics.registry.collect() if f.name == "ikw_credentials_refused"]
+        return {s.labels["service"]: s.value for s in family.samples}
+
+    assert gauge() == {"seam": 0.0}
+    metrics.refused("twilio")
+    assert gauge() == {"seam": 0.0, "twilio": 1.0}
+    metrics.refused("seam")
+    assert gauge() == {"seam": 1.0, "twilio": 0.0}
+    metrics.refused("")
+    assert gauge() == {"seam": 0.0, "twilio": 0.0}
+
+
+def test_build_info_names_the_version() -> None:
+    value = Metrics().registry.get_sample_value(
+        "ikw_build_info", {"version": "0.1.0", "python": __import__("platform").python_version()}
+    )
+    assert value == 1.0
+
+
+@pytest.mark.parametrize("raw,level", [("", "info"), ("DEBUG", "debug"), (" warning ", "warning")])
+def test_log_level_is_read(raw: str, level: str) -> None:
+    assert config.load(BASE | {"IKW_LOG_LEVEL": raw}).log_level == level
+
+
+def test_a_bad_log_level_is_one_line_naming_the_variable() -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(BASE | {"IKW_LOG_LEVEL": "verbose"})
+    assert str(caught.value) == (
+        "IKW_LOG_LEVEL: must be debug, info, warning or error, got 'verbose'"
+    )
+    assert "IKW_LOG_LEVEL" in dict(config.VARIABLES)
+
+
+def test_setup_applies_the_level() -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        logs.setup("debug")
+        assert root.level == logging.DEBUG
+        assert logging.getLogger("twilio").level == logging.WARNING  # bodies hold key links
+        logs.setup("error")
+        assert root.level == logging.ERROR
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
