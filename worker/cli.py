@@ -104,11 +104,18 @@ def parser() -> argparse.ArgumentParser:
         "deleted at the end (also on Ctrl-C or SIGTERM); reads AMQP_URL",
     )
     demo.add_argument("--key-lifetime", type=float, default=6.0, help="seconds (default 6)")
-    sandbox = command("sandbox", "serve the Seam, Twilio and SMTP stand-ins and print their env")
+    sandbox = command(
+        "sandbox",
+        "serve the Seam, Twilio and SMTP stand-ins and their outbox (a page of every SMS and "
+        "email they accept), print their env, then every SMS and email in full as it arrives, "
+        "links included; until SIGTERM or SIGINT (exit 0)",
+        epilog="A port of 0 picks a free one; the banner names the ports in use.",
+    )
     sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--seam-port", type=int, default=8701)
-    sandbox.add_argument("--twilio-port", type=int, default=8702)
-    sandbox.add_argument("--smtp-port", type=int, default=8725)
+    sandbox.add_argument("--seam-port", type=_port, default=8701)
+    sandbox.add_argument("--twilio-port", type=_port, default=8702)
+    sandbox.add_argument("--smtp-port", type=_port, default=8725)
+    sandbox.add_argument("--outbox-port", type=_port, default=8703, help="the outbox page")
     sandbox.add_argument("--key-lifetime", type=float, default=48 * 3600, help="seconds")
 
     publish = command(
@@ -151,6 +158,16 @@ def parser() -> argparse.ArgumentParser:
 
     dlq.add_parser(commands)
     return top
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a whole number from 0 to 65535, got {text!r}")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,9 +308,17 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sandbox":
         from worker.sandbox.all import serve_forever
 
-        await serve_forever(
-            args.host, args.seam_port, args.twilio_port, args.smtp_port, args.key_lifetime
-        )
+        try:
+            await serve_forever(
+                args.host,
+                args.seam_port,
+                args.twilio_port,
+                args.smtp_port,
+                args.key_lifetime,
+                args.outbox_port,
+            )
+        except OSError as exc:  # a port in use, a host that is not ours
+            raise Failed(f"sandbox: cannot listen on {args.host}: {exc.strerror or exc}") from None
         return OK
     if args.command == "schema":
         from worker import contract

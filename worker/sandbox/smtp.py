@@ -5,6 +5,7 @@ import hmac
 import logging
 import random
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -28,7 +29,8 @@ class _Refusal:
 
 class SmtpSandbox:
     """A mail server on a real socket: ``messages`` (parsed with the default policy) and
-    ``envelopes`` (``(mail_from, rcpt_tos)``, same order) hold what it accepted.
+    ``envelopes`` (``(mail_from, rcpt_tos)``, same order) hold what it accepted; each of
+    ``listeners`` is called with every accepted message and its envelope.
 
     With ``username``/``password`` it requires AUTH (PLAIN or LOGIN, TLS not required) and
     answers 535 to bad credentials, 530 to mail without login. ``tls`` is ``"starttls"`` or
@@ -49,6 +51,7 @@ class SmtpSandbox:
         self.password = password
         self.messages: list[EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
+        self.listeners: list[Callable[[EmailMessage, tuple[str, list[str]]], None]] = []
         self.latency = 0.0
         self.fail_rate = 0.0
         self.fail_code = 451
@@ -169,8 +172,11 @@ class SmtpSandbox:
         raw = envelope.content if isinstance(envelope.content, bytes) else b""
         parsed = message_from_bytes(raw, policy=policy.default)
         assert isinstance(parsed, EmailMessage)
+        accepted = (envelope.mail_from or "", list(envelope.rcpt_tos))
         self.messages.append(parsed)
-        self.envelopes.append((envelope.mail_from or "", list(envelope.rcpt_tos)))
+        self.envelopes.append(accepted)
+        for listener in self.listeners:
+            listener(parsed, accepted)
         return "250 OK: queued"
 
     def _take_refusal(self, stage: str) -> _Refusal | None:

@@ -9,11 +9,13 @@ import math
 import random
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -22,6 +24,8 @@ from worker.sandbox.http import Served
 DEFAULT_ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 DEFAULT_AUTH_TOKEN = "sandbox-auth-token"
 API_VERSION = "2010-04-01"
+PAGE_SIZE = 50  # Twilio's default page size for lists; at most 1000
+MAX_PAGE_SIZE = 1000
 
 _E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 _ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
@@ -39,6 +43,8 @@ MAGIC_TO = {
 # Twilio's messages, which (like the real ones) may quote the numbers involved.
 _MESSAGES = {
     20003: "Authenticate",
+    20001: "Page must be 0 or more and PageSize a whole number from 1 to 1000",
+    20404: "The requested resource {path} was not found",
     20429: "Too Many Requests",
     20500: "An internal server error has occurred",
     20503: "Service Unavailable",
@@ -67,10 +73,14 @@ class _Failure:
 
 
 class TwilioSandbox(Served):
-    """``POST /2010-04-01/Accounts/{sid}/Messages.json`` and ``GET .../Accounts/{sid}.json``.
+    """``POST /2010-04-01/Accounts/{sid}/Messages.json`` (send), ``GET`` of the same path (the
+    list, newest first, paged like Twilio's), ``GET .../Messages/{MessageSid}.json`` (one
+    message) and ``GET .../Accounts/{sid}.json``.
 
-    ``outbox`` holds the accepted messages; ``received`` counts every message request, refused
-    ones included. ``fail_next``, ``fail_rate`` and ``latency`` make it misbehave.
+    ``outbox`` holds the accepted messages as the tests read them; ``sent`` the message
+    resources the API serves, by sid; ``received`` counts every message request, refused ones
+    included. ``listeners`` are called with each accepted ``outbox`` entry. ``fail_next``,
+    ``fail_rate`` and ``latency`` make it misbehave (``fail_*`` only the sending).
     """
 
     def __init__(
@@ -79,11 +89,15 @@ class TwilioSandbox(Served):
         app = web.Application()
         base = f"/{API_VERSION}/Accounts/{{account_sid}}"
         app.router.add_post(base + "/Messages.json", self._create_message)
+        app.router.add_get(base + "/Messages.json", self._list_messages)
+        app.router.add_get(base + "/Messages/{message_sid}.json", self._fetch_message)
         app.router.add_get(base + ".json", self._fetch_account)
         super().__init__(app)
         self.account_sid = account_sid
         self.auth_token = auth_token
         self.outbox: list[dict[str, Any]] = []
+        self.sent: dict[str, dict[str, Any]] = {}
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.received = 0
         self.latency = 0.0
         self.fail_rate = 0.0
@@ -151,17 +165,78 @@ class TwilioSandbox(Served):
             return _error(code, 400, context)
 
         sid = "SM" + secrets.token_hex(16)
-        self.outbox.append(
+        resource = self._message(sid, to, from_, service, body)
+        self.sent[sid] = resource
+        entry = {
+            "to": to,
+            "from": from_ or None,
+            "messaging_service_sid": service or None,
+            "body": body,
+            "sid": sid,
+            "fields": sorted(form.keys()),
+        }
+        self.outbox.append(entry)
+        for listener in self.listeners:
+            listener(entry)
+        return web.json_response(resource, status=201)
+
+    async def _list_messages(self, request: web.Request) -> web.Response:
+        """Twilio's list: newest first, ``To`` and ``From`` filters, ``PageSize`` (1 to 1000,
+        default 50) and ``Page`` (from 0; the ``PageToken`` of ``next_page_uri`` is accepted
+        and, here, not needed)."""
+        await self._delay()
+        refused = self._refuse_auth(request)
+        if refused is not None:
+            return refused
+        query = request.query
+        try:
+            size = int(query.get("PageSize", PAGE_SIZE))
+            page = int(query.get("Page", 0))
+        except ValueError:
+            return _error(20001, 400, {})
+        if not 1 <= size <= MAX_PAGE_SIZE or page < 0:
+            return _error(20001, 400, {})
+        found = [
+            message
+            for message in reversed(self.sent.values())
+            if query.get("To") in (None, message["to"])
+            and query.get("From") in (None, message["from"])
+        ]
+        start = page * size
+        messages = found[start : start + size]
+        path = request.path
+        filters = [(name, query[name]) for name in ("To", "From") if name in query]
+
+        def page_uri(number: int, token: str | None = None) -> str:
+            params = [*filters, ("PageSize", str(size)), ("Page", str(number))]
+            if token is not None:
+                params.append(("PageToken", token))
+            return f"{path}?{urlencode(params)}"
+
+        more = start + size < len(found)
+        return web.json_response(
             {
-                "to": to,
-                "from": from_ or None,
-                "messaging_service_sid": service or None,
-                "body": body,
-                "sid": sid,
-                "fields": sorted(form.keys()),
+                "messages": messages,
+                "page": page,
+                "page_size": size,
+                "start": start,
+                "end": start + len(messages) - 1 if messages else start,
+                "uri": page_uri(page),
+                "first_page_uri": page_uri(0),
+                "next_page_uri": page_uri(page + 1, "PA" + messages[-1]["sid"]) if more else None,
+                "previous_page_uri": page_uri(page - 1) if page > 0 else None,
             }
         )
-        return web.json_response(self._message(sid, to, from_, service, body), status=201)
+
+    async def _fetch_message(self, request: web.Request) -> web.Response:
+        await self._delay()
+        refused = self._refuse_auth(request)
+        if refused is not None:
+            return refused
+        message = self.sent.get(request.match_info["message_sid"])
+        if message is None:
+            return _error(20404, 404, {"path": request.path})
+        return web.json_response(message)
 
     def _message(self, sid: str, to: str, from_: str, service: str, body: str) -> dict[str, Any]:
         now = format_datetime(datetime.now(UTC))
