@@ -431,7 +431,7 @@ def _at_stake(names: Names, found: dict[str, int]) -> list[str]:
 async def _delete(
     args: argparse.Namespace, connection: aio_pika.abc.AbstractRobustConnection, names: Names
 ) -> int:
-    from worker.dlq import _answer
+    from worker.dlq import answer
 
     found = await depths(connection, names)
     held = sum(found.values())
@@ -458,7 +458,7 @@ async def _delete(
             )
             return FAILED
         print(f"type the namespace ({names.namespace}) to delete it: ", end="", flush=True)
-        if (await _answer()).strip() != names.namespace:
+        if (await answer()).strip() != names.namespace:
             print("not confirmed; nothing was changed")
             return FAILED
     channel = await connection.channel()

@@ -1,19 +1,13 @@
-"""`ikw dlq`: list, show, replay and purge dead letters."""
+"""`ikw dlq`: the list, show, replay and purge commands, and their arguments."""
 
 import argparse
 import asyncio
-import hashlib
-import json
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
 
-import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
 from worker import config
 from worker.broker import headers
@@ -21,198 +15,21 @@ from worker.broker.connect import BROKER_ERRORS, connect
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.config import DURATION_HINT, parse_duration
+from worker.dlq.read import (
+    DeadLetter,
+    DlqError,
+    holding,
+    newest_first,
+    printable,
+    select,
+    snapshot,
+)
+from worker.dlq.render import BODY_CHARS, by_reason, dead_letters, details, table
 from worker.errors import REASONS
 
 BATCH = 100  # replays in flight at once, and how often a progress line is printed
 DEFAULT_LIMIT = 100
-ERROR_WIDTH = 160
-BODY_CHARS = 4000
 SHOWN_FAILURES = 20
-BROKER_REASONS = {
-    "delivery_limit": "redelivered past the queue's x-delivery-limit, never acked (crash loop?)",
-    "rejected": "rejected without requeue",
-    "expired": "expired (message TTL)",
-    "maxlen": "dropped by the queue's length limit",
-}
-_EPOCH = datetime.min.replace(tzinfo=UTC)
-
-
-class DlqError(Exception):
-    """Printed as one line; the command exits ``exit_code`` (1: failed, 2: usage)."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    message: AbstractIncomingMessage
-    id: str
-    reason: str
-    source: str
-    attempts: int | None
-    dead_at: datetime | None
-    error: str
-
-    @property
-    def fingerprint(self) -> str:
-        """Tells two reads of the same dead letter apart from other dead letters."""
-        headers = {k: v for k, v in (self.message.headers or {}).items() if k != "x-delivery-count"}
-        seen = json.dumps(sorted(headers.items()), default=str).encode()
-        return hashlib.sha256(self.message.body + b"\0" + seen).hexdigest()
-
-
-# --- reading a dead letter -----------------------------------------------------------------
-
-
-def letter_id(message: AbstractIncomingMessage) -> str:
-    return message.message_id or hashlib.sha256(message.body).hexdigest()[:12]
-
-
-def describe(message: AbstractIncomingMessage, worker: str) -> DeadLetter:
-    """What the dead letter says; our headers count only on one the worker wrote."""
-    raw = message.headers or {}
-    book = headers.read(raw) if message.user_id == worker else headers.Bookkeeping()
-    if book.reason:
-        reason, source = book.reason, book.source_queue or ""
-        dead_at, error, attempts = book.dead_lettered_at, book.error or "", book.attempts
-    else:
-        death = _broker_death(raw)
-        reason = _text(death.get("reason")) or "unknown"
-        source = _text(death.get("queue"))
-        dead_at = headers.moment(death.get("time"))
-        error = _broker_error(reason, book)
-        attempts = book.attempt
-    return DeadLetter(
-        message=message,
-        id=_printable(letter_id(message)),
-        reason=_printable(reason),
-        source=_printable(source),
-        attempts=attempts if isinstance(attempts, int) else None,
-        dead_at=dead_at,
-        error=_one_line(error),
-    )
-
-
-def _broker_death(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """The latest x-death entry (the broker puts it first), else the x-*-death-* summary."""
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        return deaths[0]
-    for prefix in ("x-last-death-", "x-first-death-"):
-        if f"{prefix}reason" in headers:
-            return {"reason": headers[f"{prefix}reason"], "queue": headers.get(f"{prefix}queue")}
-    return {}
-
-
-def _broker_error(reason: str, book: headers.Bookkeeping) -> str:
-    text = "dead-lettered by RabbitMQ: " + BROKER_REASONS.get(reason, reason)
-    return f"{text}; last error: {book.last_error}" if book.last_error else text
-
-
-def _text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return "" if value is None else str(value)
-
-
-def _printable(text: str) -> str:
-    """Producers choose ids and headers: keep their control characters off the terminal."""
-    return "".join(char if char.isprintable() else "?" for char in text)
-
-
-def _one_line(text: str, width: int = ERROR_WIDTH) -> str:
-    flat = _printable(" ".join(text.split()))
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-def _stamp(moment: datetime | None) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if moment else "-"
-
-
-# --- the dead queue ------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def holding(
-    connection: AbstractRobustConnection, names: Names, worker: str
-) -> AsyncIterator[list[DeadLetter]]:
-    """Every dead letter, held unacked on one channel; closing it returns those not acked.
-
-    AMQP cannot browse a queue, so this is how to look without taking. The broker returns the
-    messages in no particular order and adds 1 to each one's x-delivery-count: harmless, as the
-    dead queue has no delivery limit.
-    """
-    channel = await connection.channel()
-    try:
-        yield await _read_all(channel, names, worker)
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-
-
-async def snapshot(
-    connection: AbstractRobustConnection, names: Names, worker: str
-) -> list[DeadLetter]:
-    async with holding(connection, names, worker) as letters:
-        return letters
-
-
-async def _read_all(
-    channel: aio_pika.abc.AbstractChannel, names: Names, worker: str
-) -> list[DeadLetter]:
-    try:
-        queue = await channel.get_queue(names.dead, ensure=True)
-    except aio_pika.exceptions.ChannelClosed:
-        raise DlqError(
-            f"queue {names.dead} does not exist; check IKW_NAMESPACE or run `ikw topology`"
-        ) from None
-    # Only what is there now: a worker may dead-letter more while we read.
-    expected = queue.declaration_result.message_count or 0
-    letters: list[DeadLetter] = []
-    while len(letters) < expected:
-        message = await queue.get(no_ack=False, fail=False)
-        if message is None:
-            break
-        letters.append(describe(message, worker))
-    return letters
-
-
-def newest_first(letters: Iterable[DeadLetter]) -> list[DeadLetter]:
-    return sorted(letters, key=lambda letter: letter.dead_at or _EPOCH, reverse=True)
-
-
-def select(
-    letters: Iterable[DeadLetter],
-    *,
-    ids: Iterable[str] = (),
-    reason: str | None = None,
-    older_than: timedelta | None = None,
-    newer_than: timedelta | None = None,
-) -> list[DeadLetter]:
-    wanted = set(ids)
-    now = datetime.now(UTC)
-
-    def keep(letter: DeadLetter) -> bool:
-        if wanted and letter.id not in wanted:
-            return False
-        if reason is not None and letter.reason != reason:
-            return False
-        if older_than is not None and not (letter.dead_at and letter.dead_at <= now - older_than):
-            return False
-        return newer_than is None or bool(letter.dead_at and letter.dead_at >= now - newer_than)
-
-    return [letter for letter in letters if keep(letter)]
-
-
-def dead_letters(count: int) -> str:
-    return f"{count} dead letter" + ("" if count == 1 else "s")
-
-
-def by_reason(letters: Iterable[DeadLetter]) -> list[str]:
-    counts = Counter(letter.reason for letter in letters).most_common()
-    return [f"  {count:>6}  {reason}" for reason, count in counts]
 
 
 # --- list and show -------------------------------------------------------------------------
@@ -237,26 +54,10 @@ async def _list(
     print("\n".join(by_reason(chosen)))
     print()
     shown = chosen[: args.limit] if args.limit else chosen
-    print(_table(shown))
+    print(table(shown))
     if len(shown) < len(chosen):
         print(f"… {len(chosen) - len(shown)} older not shown (--limit 0 shows all)")
     return 0
-
-
-HEADINGS = ("ID", "REASON", "SOURCE QUEUE", "ATTEMPTS", "DEAD-LETTERED AT", "ERROR")
-
-
-def _row(letter: DeadLetter) -> tuple[str, ...]:
-    attempts = "-" if letter.attempts is None else str(letter.attempts)
-    source, error = letter.source or "-", letter.error or "-"
-    return (letter.id, letter.reason, source, attempts, _stamp(letter.dead_at), error)
-
-
-def _table(letters: list[DeadLetter]) -> str:
-    rows = [HEADINGS, *map(_row, letters)]
-    widths = [max(len(row[col]) for row in rows) for col in range(len(HEADINGS) - 1)]
-    # The error, last, is not padded: it may be long.
-    return "\n".join("  ".join([*map(str.ljust, row, widths), row[-1]]) for row in rows)
 
 
 async def _show(
@@ -272,59 +73,8 @@ async def _show(
             print()
         suffix = f" ({number} of {len(matches)} with this id)" if len(matches) > 1 else ""
         print(f"dead letter {letter.id}{suffix}")
-        print(_details(letter, full=args.full))
+        print(details(letter, full=args.full))
     return 0
-
-
-def _details(letter: DeadLetter, *, full: bool = False) -> str:
-    message = letter.message
-    lines = [
-        f"reason:           {letter.reason}",
-        f"error:            {letter.error or '-'}",
-        f"source queue:     {letter.source or '-'}",
-        f"attempts:         {'-' if letter.attempts is None else letter.attempts}",
-        f"dead-lettered at: {_stamp(letter.dead_at)}",
-        f"message_id:       {_plain(message.message_id or '-')}",
-        f"content_type:     {_plain(message.content_type or '-')}",
-        "headers:",
-    ]
-    headers = message.headers or {}
-    # x-delivery-count only counts how often the dead queue was read (by this command too).
-    for key in sorted(k for k in headers if k != "x-delivery-count"):
-        lines.extend(_header_lines(key, headers[key]))
-    return "\n".join([*lines, *_body_lines(message.body, full=full)])
-
-
-def _header_lines(key: str, value: object) -> list[str]:
-    if isinstance(value, list) and all(isinstance(item, dict) for item in value):
-        entries = [" ".join(f"{k}={_plain(v)}" for k, v in item.items()) for item in value]
-        return [f"  {_plain(key)}:", *(f"    - {entry}" for entry in entries)]
-    return [f"  {_plain(key)}: {_plain(value)}"]
-
-
-def _plain(value: object) -> str:
-    if isinstance(value, datetime):
-        return _stamp(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_plain(item) for item in value) + "]"
-    text = str(value)
-    return text if text.isprintable() and not isinstance(value, bytes) else repr(value)
-
-
-def _body_lines(body: bytes, *, full: bool = False) -> list[str]:
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        text, kind = repr(body), "not JSON, shown as Python bytes"
-    else:
-        text, kind = json.dumps(parsed, indent=2, ensure_ascii=False), "JSON"
-        if not text.replace("\n", "").isprintable():
-            text = json.dumps(parsed, indent=2)
-    lines = [f"body ({len(body)} bytes, {kind}):"]
-    if len(text) > BODY_CHARS and not full:
-        cut = len(text) - BODY_CHARS
-        return [*lines, text[:BODY_CHARS], f"… {cut} more characters not shown (--full shows all)"]
-    return [*lines, text]
 
 
 # --- replay and purge ----------------------------------------------------------------------
@@ -370,14 +120,14 @@ async def confirm(
         )
         return None
     print(f"type {len(chosen)} or y to {verb} them: ", end="", flush=True)
-    answer = (await _answer()).strip().lower()
-    if answer not in (str(len(chosen)), "y", "yes"):
+    reply = (await answer()).strip().lower()
+    if reply not in (str(len(chosen)), "y", "yes"):
         print("not confirmed; nothing was changed")
         return None
     return Confirmed(chosen)
 
 
-async def _answer() -> str:
+async def answer() -> str:
     """A line from the terminal, read on the loop: a thread blocked in readline would keep
     asyncio.run from exiting on Ctrl-C."""
     loop = asyncio.get_running_loop()
@@ -593,7 +343,7 @@ async def check_reason(
     if reason in present:  # e.g. from a newer worker
         return
     raise DlqError(
-        f"unknown reason {_printable(reason)!r}; in {names.dead} now: "
+        f"unknown reason {printable(reason)!r}; in {names.dead} now: "
         f"{', '.join(present) or 'none'}; known reasons: {', '.join(sorted(REASONS))}",
         exit_code=2,
     )
