@@ -1,9 +1,11 @@
-"""Events as producers write them: plain JSON, the shape of schemas/."""
+"""Events as producers write them: plain JSON, the shape of schemas/, from the package's builder."""
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
+
+from worker import events
 
 
 def grant(
@@ -18,36 +20,29 @@ def grant(
     event_id: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    return {
-        "type": "access.granted",
-        "version": 1,
-        "event_id": event_id or str(uuid.uuid4()),
-        "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "grant_id": f"booking-{uuid.uuid4().hex[:6]}",
-        "user_identity": {
-            "user_identity_id": user_identity_id,
-            "user_identity_key": key
-            if key or user_identity_id
-            else f"guest-{uuid.uuid4().hex[:8]}",
-            "full_name": name,
-            "email_address": email,
-            "phone_number": phone,
-        },
-        "delivery": {"channels": list(channels), "locale": locale},
-        "instant_key": {"customization_profile_id": None, "max_use_count": 1},
-        **extra,
-    }
+    """A grant for a new guest by default; ``extra`` replaces top-level fields as given."""
+    event = events.granted(
+        user_identity_id=user_identity_id,
+        user_identity_key=key if key or user_identity_id else f"guest-{uuid.uuid4().hex[:8]}",
+        full_name=name,
+        email_address=email,
+        phone_number=phone,
+        channels=channels,
+        locale=locale,
+        event_id=event_id,
+    )
+    return event | extra
 
 
-def revoke(key: str | None = None, *, user_identity_id: str | None = None) -> dict[str, Any]:
-    return {
-        "type": "access.revoked",
-        "version": 1,
-        "event_id": str(uuid.uuid4()),
-        "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "grant_id": "booking-1",
-        "user_identity": {"user_identity_id": user_identity_id, "user_identity_key": key},
-    }
+def revoke(
+    key: str | None = None,
+    *,
+    user_identity_id: str | None = None,
+    occurred_at: datetime | None = None,
+) -> dict[str, Any]:
+    return events.revoked(
+        user_identity_key=key, user_identity_id=user_identity_id, occurred_at=occurred_at
+    )
 
 
 def body(event: dict[str, Any]) -> bytes:

@@ -8,8 +8,6 @@ import os
 import signal
 import sys
 import textwrap
-import uuid
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import TextIO, cast
@@ -17,7 +15,7 @@ from typing import TextIO, cast
 import aio_pika
 import aiormq
 
-from worker import config, logs
+from worker import config, events, logs
 from worker.broker import topology
 from worker.broker.connect import BROKER_ERRORS, BadBrokerUrl, BrokerError, connect
 from worker.broker.publisher import Publisher
@@ -290,6 +288,18 @@ async def _main(args: argparse.Namespace) -> int:
             loop.remove_signal_handler(signal.SIGTERM)
 
 
+def _need_the_sandbox() -> None:
+    """The stand-ins are an extra: the production image has no aiosmtpd."""
+    try:
+        import aiosmtpd  # noqa: F401
+    except ImportError:
+        raise Failed(
+            "the stand-ins are not installed: pip install 'instant-key-worker[sandbox]' "
+            "(or use the image's sandbox target)",
+            USAGE,
+        ) from None
+
+
 async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from worker.service import Service, StartError
@@ -301,6 +311,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         except StartError as exc:
             raise Failed(str(exc), USAGE) from None
         return OK
+    if args.command in ("demo", "sandbox"):
+        _need_the_sandbox()
     if args.command == "demo":
         from worker.demo import demo
 
@@ -473,32 +485,24 @@ async def _delete(
 
 
 def grant_or_revoke(args: argparse.Namespace) -> tuple[bytes, str, str]:
-    event_id = str(uuid.uuid4())
-    identity = {
-        "user_identity_id": args.user_identity_id,
-        "user_identity_key": args.user_identity_key,
-    }
-    event: dict[str, object] = {
-        "version": 1,
-        "event_id": event_id,
-        "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "grant_id": args.grant_id or f"cli-{event_id[:8]}",
-    }
-    if args.kind == "grant":
-        event["type"] = "access.granted"
-        event["user_identity"] = identity | {
-            "full_name": args.full_name,
-            "email_address": args.email_address,
-            "phone_number": args.phone_number,
-        }
-        event["delivery"] = {"channels": args.channels.split(","), "locale": args.locale}
-        event["instant_key"] = {"max_use_count": args.max_use_count}
-    else:
-        event["type"] = "access.revoked"
-        event["user_identity"] = identity
+    ids = {"user_identity_id": args.user_identity_id, "user_identity_key": args.user_identity_key}
+    event = (
+        events.granted(
+            **ids,
+            grant_id=args.grant_id,
+            full_name=args.full_name,
+            email_address=args.email_address,
+            phone_number=args.phone_number,
+            channels=args.channels.split(","),
+            locale=args.locale,
+            max_use_count=args.max_use_count,
+        )
+        if args.kind == "grant"
+        else events.revoked(**ids, grant_id=args.grant_id)
+    )
     body = json.dumps(event).encode()
     parse(body, "application/json")  # fail here, not in the worker, on bad flags
-    return body, str(event["type"]), event_id
+    return body, str(event["type"]), str(event["event_id"])
 
 
 if __name__ == "__main__":

@@ -3,11 +3,10 @@
 import json
 import os
 import uuid
-from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractRobustConnection
 
-from worker import config, logs
+from worker import config, events, logs
 from worker.broker import topology
 from worker.broker.connect import connect
 from worker.broker.publisher import Publisher
@@ -26,23 +25,15 @@ GUESTS = [
 def grant(
     key: str, name: str, phone: str | None, email: str | None, channels: list[str], locale: str
 ) -> bytes:
-    event_id = str(uuid.uuid4())
-    return json.dumps(
-        {
-            "type": "access.granted",
-            "version": 1,
-            "event_id": event_id,
-            "occurred_at": datetime.now(UTC).isoformat(),
-            "grant_id": f"demo-{event_id[:8]}",
-            "user_identity": {
-                "user_identity_key": key,
-                "full_name": name,
-                "phone_number": phone,
-                "email_address": email,
-            },
-            "delivery": {"channels": channels, "locale": locale},
-        }
-    ).encode()
+    event = events.granted(
+        user_identity_key=key,
+        full_name=name,
+        phone_number=phone,
+        email_address=email,
+        channels=channels,
+        locale=locale,
+    )
+    return json.dumps(event).encode()
 
 
 async def demo(key_lifetime: float) -> int:

@@ -1,7 +1,10 @@
 """The message contract: one pydantic model per message type and version (the source of truth)."""
 
 import json
-from typing import Annotated, Literal
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -186,6 +189,68 @@ MODELS: dict[tuple[str, int], type[Model]] = {
     ("access.revoked", 1): AccessRevoked,
     ("instant_key.cleanup", 1): KeyCleanup,
 }
+
+
+def granted(
+    *,
+    user_identity_key: str | None = None,
+    user_identity_id: str | None = None,
+    full_name: str | None = None,
+    email_address: str | None = None,
+    phone_number: str | None = None,
+    channels: Sequence[str] = ("sms", "email"),
+    locale: str = "en",
+    max_use_count: int = 1,
+    event_id: str | None = None,
+    grant_id: str | None = None,
+    occurred_at: datetime | None = None,
+) -> dict[str, Any]:
+    """An ``access.granted`` v1 event as a producer writes it, ready for ``json.dumps``: the one
+    builder the CLI, the demo, the bench and the tests share."""
+    event_id = event_id or str(uuid.uuid4())
+    return {
+        "type": "access.granted",
+        "version": 1,
+        "event_id": event_id,
+        "occurred_at": _stamp(occurred_at),
+        "grant_id": grant_id or f"grant-{event_id[:8]}",
+        "user_identity": {
+            "user_identity_id": user_identity_id,
+            "user_identity_key": user_identity_key,
+            "full_name": full_name,
+            "email_address": email_address,
+            "phone_number": phone_number,
+        },
+        "delivery": {"channels": list(channels), "locale": locale},
+        "instant_key": {"customization_profile_id": None, "max_use_count": max_use_count},
+    }
+
+
+def revoked(
+    *,
+    user_identity_key: str | None = None,
+    user_identity_id: str | None = None,
+    event_id: str | None = None,
+    grant_id: str | None = None,
+    occurred_at: datetime | None = None,
+) -> dict[str, Any]:
+    """An ``access.revoked`` v1 event as a producer writes it."""
+    event_id = event_id or str(uuid.uuid4())
+    return {
+        "type": "access.revoked",
+        "version": 1,
+        "event_id": event_id,
+        "occurred_at": _stamp(occurred_at),
+        "grant_id": grant_id or f"grant-{event_id[:8]}",
+        "user_identity": {
+            "user_identity_id": user_identity_id,
+            "user_identity_key": user_identity_key,
+        },
+    }
+
+
+def _stamp(moment: datetime | None) -> str:
+    return (moment or datetime.now(UTC)).isoformat().replace("+00:00", "Z")
 
 
 def parse(body: bytes, content_type: str | None, content_encoding: str | None = None) -> Event:

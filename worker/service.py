@@ -17,10 +17,10 @@ from worker.channels import EmailChannel, SmsChannel
 from worker.config import Settings
 from worker.errors import CredentialsRefused
 from worker.flows import Flows
+from worker.http import Served
 from worker.metrics import Metrics
 from worker.ports import Channel
 from worker.queues import Names
-from worker.sandbox.http import Served
 from worker.seam import SeamClient
 
 log = logging.getLogger("worker.service")

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from tests import reference as reference_file
 from worker.errors import CredentialsRefused, NotFound, SeamRejected, Transient
-from worker.sandbox.http import Served
+from worker.http import Served
 from worker.sandbox.seam import SeamSandbox
 from worker.seam import SeamClient
 

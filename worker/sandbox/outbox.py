@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from worker.sandbox.http import Served
+from worker.http import Served
 
 Json = dict[str, Any]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from worker.sandbox.http import Served
+from worker.http import Served
 
 Json = dict[str, Any]
 Route = Callable[[Json], Awaitable[Json]]

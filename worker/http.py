@@ -1,4 +1,5 @@
-"""Serve an aiohttp app on a real socket (port 0 picks a free one)."""
+"""Serve an aiohttp application on a real socket (port 0 picks a free one): the worker's health
+and metrics, and the stand-ins."""
 
 from aiohttp import web
 
