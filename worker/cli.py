@@ -1,4 +1,4 @@
-"""The `ikw` command: run, demo, sandbox, publish, topology, dlq, schema."""
+"""The `ikw` command: run, demo, sandbox, publish, topology, dlq, schema, templates."""
 
 import argparse
 import asyncio
@@ -152,9 +152,10 @@ def parser() -> argparse.ArgumentParser:
     schema.add_argument("--out", type=Path, default=Path("schemas"))
     schema.add_argument("--check", action="store_true", help="fail when the files are stale")
 
-    from worker import dlq
+    from worker import dlq, template_tools
 
     dlq.add_parser(commands)
+    template_tools.add_parser(commands)
     return top
 
 
@@ -347,6 +348,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from worker import dlq
 
         return await dlq.run(args)
+    if args.command == "templates":
+        from worker import template_tools
+
+        return template_tools.run(args)
     if args.command == "topology" and args.yes and not args.delete:
         raise Failed("--yes goes with --delete only", USAGE)
     settings = config.broker_settings()

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 # Every variable the reader below uses, for `ikw run --help`: add a row when you read a new one.
@@ -40,6 +40,9 @@ VARIABLES: tuple[tuple[str, str], ...] = (
     ("IKW_ALLOW_INSECURE", "allow plaintext or unverified transport to remote hosts"),
     ("SMTP_CA_FILE", "CA bundle for the SMTP server's certificate"),
     ("IKW_LOG_LEVEL", "debug, info (default), warning or error"),
+    ("IKW_TEMPLATES_DIR", "the guest's words: <locale>/sms.txt, email_subject.txt, email.txt, ..."),
+    ("IKW_TIME_ZONE", "IANA zone of the times guests read, unless the event has one (UTC)"),
+    ("IKW_PROPERTY_NAME", "the property's name, unless the event has one"),
 )
 
 
@@ -91,6 +94,9 @@ class Settings:
     revoke_retention: timedelta = timedelta(days=30)
     declare: bool = True
     log_level: str = "info"
+    templates_dir: Path | None = None
+    time_zone: str = "UTC"
+    property_name: str | None = None
 
     @property
     def broker_user(self) -> str:
@@ -201,6 +207,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         revoke_retention=r.duration("IKW_REVOKE_RETENTION", Settings.revoke_retention),
         declare=r.flag("IKW_DECLARE", Settings.declare),
         log_level=(r.text("IKW_LOG_LEVEL") or Settings.log_level).lower(),
+        **guest_text(r),
     )
     if settings.log_level not in LOG_LEVELS:
         r.problems.append(
@@ -222,6 +229,44 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     if r.problems:
         raise ConfigError("\n".join(r.problems))
     return settings
+
+
+def guest_text(r: "_Reader") -> dict[str, Any]:
+    """IKW_TEMPLATES_DIR, IKW_TIME_ZONE and IKW_PROPERTY_NAME, the templates loaded and checked
+    (a problem in a file: ``IKW_TEMPLATES_DIR: fr/sms.txt: 'guset_name' is undefined``)."""
+    from worker.channels.templates import TemplateProblem, Templates
+    from worker.dates import time_zone
+    from worker.guest_name import MAX_PROPERTY_NAME, clean_property_name
+
+    found: dict[str, Any] = {}
+    zone = r.text("IKW_TIME_ZONE")
+    if zone is not None:
+        try:
+            time_zone(zone)
+            found["time_zone"] = zone
+        except ValueError as exc:
+            r.problems.append(f"IKW_TIME_ZONE: {zone[:70]!r}: {exc}")
+    name = r.text("IKW_PROPERTY_NAME")
+    if name is not None:
+        if len(name) > MAX_PROPERTY_NAME or not clean_property_name(name):
+            r.problems.append(
+                f"IKW_PROPERTY_NAME: must be 1 to {MAX_PROPERTY_NAME} visible characters"
+            )
+        else:
+            found["property_name"] = clean_property_name(name)
+    directory = r.text("IKW_TEMPLATES_DIR")
+    if directory is not None:
+        if not Path(directory).is_dir():
+            r.problems.append(f"IKW_TEMPLATES_DIR: {directory} is not a directory")
+            return found
+        found["templates_dir"] = Path(directory)
+        try:
+            Templates(found["templates_dir"])
+        except TemplateProblem as exc:
+            r.problems.extend(f"IKW_TEMPLATES_DIR: {problem}" for problem in exc.problems)
+        except OSError as exc:
+            r.problems.append(f"IKW_TEMPLATES_DIR: cannot read {directory}: {exc.strerror}")
+    return found
 
 
 _USER = re.compile(r"[^\s,:]{1,128}")
@@ -365,6 +410,15 @@ def _loopback(host: str | None) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def guest_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Only what the guest reads needs (`ikw templates`): the templates, time zone, property."""
+    r = _Reader(os.environ if env is None else env)
+    settings = Settings(**guest_text(r))
+    if r.problems:
+        raise ConfigError("\n".join(r.problems))
+    return settings
 
 
 def broker_settings(env: Mapping[str, str] | None = None) -> Settings:

@@ -17,7 +17,9 @@ from pydantic import (
     model_validator,
 )
 
+from worker.dates import MAX_ZONE_LENGTH, time_zone
 from worker.errors import InvalidEvent
+from worker.guest_name import MAX_PROPERTY_NAME
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_USE_COUNT = 10_000
@@ -85,9 +87,38 @@ ChannelName = Literal["sms", "email"]
 DeletedWhy = Literal["expired", "revoked", "converged"]
 
 
+def _time_zone(value: str) -> str:
+    time_zone(value)  # ValueError saying why
+    return value
+
+
 class Delivery(Model):
     channels: list[ChannelName] = Field(min_length=1, max_length=2)
     locale: Annotated[str, Field(pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")] = "en"
+    time_zone: (
+        Annotated[
+            str,
+            Field(
+                max_length=MAX_ZONE_LENGTH,
+                description="IANA time zone of the property, for the times the guest reads "
+                "(default: the worker's IKW_TIME_ZONE, else UTC)",
+                examples=["Europe/Paris"],
+            ),
+            AfterValidator(_time_zone),
+        ]
+        | None
+    ) = None
+    property_name: (
+        Annotated[
+            str,
+            Field(
+                max_length=MAX_PROPERTY_NAME,
+                description="the property's name as guests know it (default: IKW_PROPERTY_NAME); "
+                "control and format characters are dropped",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class KeyOptions(Model):

@@ -158,6 +158,8 @@ class Flows:
                 locale=event.delivery.locale,
                 expires_at=key.expires_at,
                 url=key.instant_key_url,
+                time_zone=event.delivery.time_zone,
+                property_name=event.delivery.property_name,
             )
             channel, sent_id = await self._deliver(message, event.delivery.channels, still_held)
         await self.announcer.announce(

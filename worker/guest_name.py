@@ -74,3 +74,19 @@ def _visible(text: str) -> str:
         for char in text
         if char.isspace() or (unicodedata.category(char)[0] != "C" and char not in _INVISIBLE)
     )
+
+
+MAX_PROPERTY_NAME = 80
+
+
+def clean_property_name(raw: str | None) -> str | None:
+    """The property's name as a guest may read it, or None when nothing is left.
+
+    It comes from a trusted producer or the operator, so digits, ``&`` and the like stay; what
+    goes is what no message should carry: control, format and invisible characters (NFKC
+    first), runs of whitespace (one space each). Cut at ``MAX_PROPERTY_NAME`` characters."""
+    if raw is None:
+        return None
+    text = _visible(unicodedata.normalize("NFKC", _visible(raw)))
+    text = " ".join(text.split())[:MAX_PROPERTY_NAME].rstrip()
+    return text or None

@@ -38,6 +38,8 @@ class KeyMessage:
     locale: str
     expires_at: datetime
     url: str = field(repr=False)
+    time_zone: str | None = None  # IANA; None: IKW_TIME_ZONE
+    property_name: str | None = None  # None: IKW_PROPERTY_NAME
 
 
 class Seam(Protocol):

@@ -14,6 +14,7 @@ from worker.broker.decision import Limits, Trust
 from worker.broker.fence import StreamFence
 from worker.broker.publisher import Publisher
 from worker.channels import EmailChannel, SmsChannel
+from worker.channels.templates import TemplateProblem, Templates
 from worker.config import Settings
 from worker.errors import CredentialsRefused
 from worker.flows import Flows
@@ -33,8 +34,25 @@ class StartError(Exception):
     """The worker cannot start; the message says what to fix, in one line."""
 
 
+def load_templates(settings: Settings) -> Templates:
+    """The guest's words as the settings name them; StartError, a line per problem, if unusable."""
+    try:
+        return Templates(
+            settings.templates_dir,
+            time_zone=settings.time_zone,
+            property_name=settings.property_name,
+        )
+    except TemplateProblem as exc:
+        raise StartError("\n".join(f"IKW_TEMPLATES_DIR: {p}" for p in exc.problems)) from None
+    except ValueError as exc:
+        raise StartError(f"IKW_TIME_ZONE: {exc}") from None
+    except OSError as exc:
+        raise StartError(f"IKW_TEMPLATES_DIR: cannot read it: {exc.strerror}") from None
+
+
 def build_channels(settings: Settings) -> dict[str, Channel]:
     channels: dict[str, Channel] = {}
+    templates = load_templates(settings)
     if settings.sms:
         s = settings.sms
         channels["sms"] = SmsChannel(
@@ -43,6 +61,7 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
             from_=s.from_,
             messaging_service_sid=s.messaging_service_sid,
             api_url=s.api_url,
+            templates=templates,
         )
     if settings.email:
         e = settings.email
@@ -54,6 +73,7 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
             password=e.password,
             tls=e.tls,
             cert_bundle=e.ca_file,
+            templates=templates,
         )
     return channels
 

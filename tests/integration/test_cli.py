@@ -93,7 +93,7 @@ def test_version_is_the_package_version() -> None:
     assert (result.returncode, result.stdout) == (0, f"ikw {metadata.version(PACKAGE)}\n")
 
 
-COMMANDS = ["run", "demo", "sandbox", "publish", "topology", "schema", "dlq"]
+COMMANDS = ["run", "demo", "sandbox", "publish", "topology", "schema", "dlq", "templates"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -89,7 +89,7 @@ async def test_guest_gets_text_and_html_with_the_link(smtp: SmtpSandbox) -> None
     assert text is not None and html is not None
     assert URL in text.get_content().split()
     assert "Hi Ada Lovelace," in text.get_content()
-    assert "26 Nov 2026, 14:00 UTC" in text.get_content()
+    assert "Nov 26, 2026, 2:00 PM UTC" in text.get_content()
     assert f'<a href="{URL.replace("&", "&amp;")}">' in html.get_content()
 
 

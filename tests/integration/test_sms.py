@@ -64,7 +64,7 @@ async def test_guest_gets_the_link_and_their_name(twilio: TwilioSandbox, sms: Sm
     assert (sent["to"], sent["from"], sent["messaging_service_sid"]) == (PHONE, SENDER, None)
     assert URL in sent["body"].split()
     assert sent["body"].startswith("Hi Ada Lovelace,")
-    assert "26 Nov 2026, 14:00 UTC" in sent["body"]
+    assert "Nov 26, 2026, 2:00 PM UTC" in sent["body"]
 
 
 async def test_messaging_service_instead_of_a_sender(twilio: TwilioSandbox) -> None:

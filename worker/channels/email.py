@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import aiosmtplib
 
-from worker.channels.templates import render_email
+from worker.channels.templates import Templates, shipped
 from worker.errors import ChannelRefused, CredentialsRefused, Transient, WorkerError
 from worker.guest_name import clean_name
 from worker.ports import KeyMessage
@@ -40,10 +40,12 @@ class EmailChannel:
         tls: TlsMode = "none",
         timeout: float = 10.0,
         cert_bundle: str | None = None,
+        templates: Templates | None = None,
     ) -> None:
         if tls not in ("none", "starttls", "tls"):
             raise ValueError(f"tls must be none, starttls or tls, not {tls!r}")
         self._sender = sender
+        self._templates = templates or shipped()
         self._domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
         self._connection: dict[str, Any] = {
             "hostname": host,
@@ -84,7 +86,7 @@ class EmailChannel:
 
     def _compose(self, message: KeyMessage) -> EmailMessage:
         assert message.email_address is not None
-        subject, text, html = render_email(message)
+        subject, text, html = self._templates.email(message)
         email = EmailMessage()
         email["Subject"] = subject
         email["From"] = self._sender

@@ -10,7 +10,7 @@ from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
-from worker.channels.templates import render_sms
+from worker.channels.templates import Templates, shipped
 from worker.errors import (
     ChannelRefused,
     CredentialsRefused,
@@ -71,6 +71,7 @@ class SmsChannel:
         messaging_service_sid: str | None = None,
         api_url: str = "https://api.twilio.com",
         timeout: float = 10.0,
+        templates: Templates | None = None,
     ) -> None:
         if not from_ and not messaging_service_sid:
             raise ValueError("SmsChannel needs from_ or messaging_service_sid")
@@ -80,6 +81,7 @@ class SmsChannel:
         self._messaging_service_sid = messaging_service_sid or None
         self._api_url = api_url.rstrip("/")
         self._timeout = timeout
+        self._templates = templates or shipped()
         self._http: _HttpClient | None = None
         self._client: Any = None
         # twilio's loggers can print URLs, numbers and Twilio's messages, which quote them.
@@ -99,7 +101,7 @@ class SmsChannel:
                 to=message.phone_number,
                 from_=self._from,
                 messaging_service_sid=self._messaging_service_sid,
-                body=render_sms(message),
+                body=self._templates.sms(message),
             )
         except TwilioException as exc:
             raise _translate(exc) from None
