@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import io
 import json
+import logging
 import os
 import signal
 import sys
@@ -14,8 +15,9 @@ from typing import TextIO, cast
 
 import aio_pika
 import aiormq
+from opentelemetry import trace
 
-from worker import config, events, logs
+from worker import config, events, logs, tracing
 from worker.broker import topology
 from worker.broker.connect import BROKER_ERRORS, BadBrokerUrl, BrokerError, connect
 from worker.broker.publisher import Publisher
@@ -58,8 +60,9 @@ def version() -> str:
 
 
 def run_epilog() -> str:
-    width = max(len(name) for name, _ in config.VARIABLES)
-    rows = [f"  {name:<{width}}  {meaning}" for name, meaning in config.VARIABLES]
+    variables = config.VARIABLES + tracing.VARIABLES
+    width = max(len(name) for name, _ in variables)
+    rows = [f"  {name:<{width}}  {meaning}" for name, meaning in variables]
     secrets = ", ".join(config.SECRETS)
     return "\n".join(
         [
@@ -306,11 +309,21 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from worker.service import Service, StartError
 
         settings = config.load()  # a ConfigError is printed, not logged
+        provider = tracing.setup()  # None unless OTEL_* ask for tracing
         logs.setup(settings.log_level)
+        if provider is not None:
+            trace.set_tracer_provider(provider)
+            exporters = tracing.exporter_names(os.environ)
+            logging.getLogger("worker.tracing").info(
+                "tracing on", extra={"ctx": {"exporters": exporters}}
+            )
         try:
             await Service(settings).run()
         except StartError as exc:
             raise Failed(str(exc), USAGE) from None
+        finally:
+            if provider is not None:  # flushes the spans still batched
+                await asyncio.to_thread(provider.shutdown)
         return OK
     if args.command in ("demo", "sandbox"):
         _need_the_sandbox()
@@ -361,13 +374,23 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return OK
     # A bad flag is told before connecting.
     event = grant_or_revoke(args) if args.command == "publish" else None
+    provider = tracing.setup() if args.command == "publish" else None
+    if provider is not None:
+        trace.set_tracer_provider(provider)
     connection = await connect(settings.amqp_url, f"ikw {args.command}")
     async with connection:
         if args.command == "topology":
             return await _topology(args, connection, names)
         assert event is not None
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        return await _publish(channel, names, settings.broker_user, *event)
+        try:
+            # The event starts a trace; with tracing off here, one no SDK records, so the
+            # worker's spans and log lines still share the traceparent it gets.
+            with trace.use_span(tracing.new_trace() if provider is None else trace.INVALID_SPAN):
+                return await _publish(channel, names, settings.broker_user, *event)
+        finally:
+            if provider is not None:
+                await asyncio.to_thread(provider.shutdown)
 
 
 async def _publish(

@@ -6,6 +6,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry import trace
+
 
 def mask_phone(phone: str | None) -> str:
     """+14155550100 -> +1*******00: enough to tell numbers apart in an incident, not to dial."""
@@ -31,6 +33,10 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         entry.update(getattr(record, "ctx", {}))
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:  # the span the line was written in (worker/tracing.py)
+            entry["trace_id"] = trace.format_trace_id(span.trace_id)
+            entry["span_id"] = trace.format_span_id(span.span_id)
         if record.exc_info and record.exc_info[0] is not None:
             entry["exc"] = record.exc_info[0].__name__
         return json.dumps(entry, default=str)

@@ -6,9 +6,13 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
+from worker import tracing
 from worker.errors import (
     CredentialsRefused,
     NotFound,
@@ -39,8 +43,17 @@ class SeamClient:
         timeout: float = 10.0,
         connections: int = 100,
         session: aiohttp.ClientSession | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._endpoint = endpoint.rstrip("/")
+        self._tracer = tracer or tracing.tracer()
+        where = urlsplit(self._endpoint)
+        self._span_attributes: dict[str, str | int] = {
+            "http.request.method": "POST",
+            "server.address": where.hostname or "",
+            "server.port": where.port or (443 if where.scheme == "https" else 80),
+        }
+        self._base_path = where.path
         self._connections = connections
         self._headers = {"Authorization": f"Bearer {api_key}", "User-Agent": USER_AGENT}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -128,6 +141,12 @@ class SeamClient:
         await self._call("/user_identities/list", {"limit": 1}, _nothing)
 
     async def _call(self, path: str, body: Json, parse: Callable[[Json], T]) -> T:
+        """One CLIENT span per call: method, path (never the body), host, status code."""
+        attributes = self._span_attributes | {"url.path": self._base_path + path}
+        with tracing.client_span(self._tracer, f"POST {path}", attributes):
+            return await self._request(path, body, parse)
+
+    async def _request(self, path: str, body: Json, parse: Callable[[Json], T]) -> T:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self._connections)
             self._session = aiohttp.ClientSession(connector=connector)
@@ -142,6 +161,7 @@ class SeamClient:
                 allow_redirects=False,
             ) as response:
                 raw = await response.read()
+            trace.get_current_span().set_attribute("http.response.status_code", response.status)
         except TimeoutError as exc:
             raise Transient(f"seam {path} timed out after {self._timeout.total:g} s") from exc
         except aiohttp.ClientError as exc:

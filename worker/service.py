@@ -6,7 +6,9 @@ import signal
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
+from opentelemetry.trace import Tracer, TracerProvider
 
+from worker import tracing
 from worker.broker import topology
 from worker.broker.connect import BROKER_ERRORS, connect
 from worker.broker.consumer import Consumer
@@ -50,7 +52,7 @@ def load_templates(settings: Settings) -> Templates:
         raise StartError(f"IKW_TEMPLATES_DIR: cannot read it: {exc.strerror}") from None
 
 
-def build_channels(settings: Settings) -> dict[str, Channel]:
+def build_channels(settings: Settings, tracer: Tracer | None = None) -> dict[str, Channel]:
     channels: dict[str, Channel] = {}
     templates = load_templates(settings)
     if settings.sms:
@@ -62,6 +64,7 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
             messaging_service_sid=s.messaging_service_sid,
             api_url=s.api_url,
             templates=templates,
+            tracer=tracer,
         )
     if settings.email:
         e = settings.email
@@ -74,20 +77,27 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
             tls=e.tls,
             cert_bundle=e.ca_file,
             templates=templates,
+            tracer=tracer,
         )
     return channels
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracer_provider: TracerProvider | None = None) -> None:
+        """``tracer_provider``: where spans go; by default the global one (no-op unless ``ikw run``
+        set up tracing from OTEL_*)."""
         self.settings = settings
+        self.tracer = tracing.tracer(tracer_provider)
         self.names = Names(settings.namespace)
         self.metrics = Metrics()
         # One HTTP connection per message in flight: a smaller pool would queue Seam calls.
         self.seam = SeamClient(
-            settings.seam_endpoint, settings.seam_api_key, connections=settings.prefetch
+            settings.seam_endpoint,
+            settings.seam_api_key,
+            connections=settings.prefetch,
+            tracer=self.tracer,
         )
-        self.channels = build_channels(settings)
+        self.channels = build_channels(settings, self.tracer)
         self.connection: AbstractRobustConnection | None = None
         self.consumer: Consumer | None = None
         self.fence: StreamFence | None = None
@@ -139,7 +149,7 @@ class Service:
         self._channels = [consuming, publishing, following]
         if self.settings.declare:
             await topology.declare(publishing, self.names, self.settings.revoke_retention)
-        publisher = Publisher(publishing, self.names, self.settings.broker_user)
+        publisher = Publisher(publishing, self.names, self.settings.broker_user, tracer=self.tracer)
         self.fence = StreamFence(self.names, publisher, self.settings.broker_user)
         await self.fence.start(following)
         flows = Flows(
@@ -161,6 +171,7 @@ class Service:
             trust=Trust(self.settings.broker_user, self.settings.trusted_publishers),
             deadline=self.settings.message_deadline,
             on_credentials_refused=self._credentials_refused,
+            tracer=self.tracer,
         )
         log.info(
             "worker started",

@@ -125,8 +125,8 @@ async def start_worker(
     """Start in-process workers (each its own connection); all are stopped at the end."""
     started: list[Service] = []
 
-    async def start(**overrides: str) -> Service:
-        service = Service(config.load(worker_env | overrides))
+    async def start(tracer_provider: Any = None, **overrides: str) -> Service:
+        service = Service(config.load(worker_env | overrides), tracer_provider)
         await service.start()
         started.append(service)
         return service

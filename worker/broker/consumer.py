@@ -13,7 +13,10 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Tracer
 
+from worker import tracing
 from worker.broker import headers
 from worker.broker.connect import BROKER_ERRORS
 from worker.broker.decision import (
@@ -67,6 +70,7 @@ class Consumer:
         trust: Trust,
         deadline: timedelta,
         on_credentials_refused: Callable[[CredentialsRefused], None],
+        tracer: Tracer | None = None,
     ) -> None:
         self.channel = channel
         self.publisher = publisher
@@ -77,6 +81,7 @@ class Consumer:
         self.trust = trust
         self.deadline = deadline
         self.on_credentials_refused = on_credentials_refused
+        self.tracer = tracer or tracing.tracer()
         # Queue -> the message type it takes; None for the main exchange's unroutable events.
         self._takes: dict[str, str | None] = {**names.takes, names.unroutable: None}
         self._queues: dict[str, AbstractQueue] = {}
@@ -124,9 +129,24 @@ class Consumer:
         return len(pending)
 
     async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(self._handle(queue, message))
+        task = asyncio.create_task(self._traced(queue, message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _traced(self, queue: str, message: AbstractIncomingMessage) -> None:
+        """A CONSUMER span around the handling, in the trace the message's ``traceparent`` names
+        (a producer's, or the retry's or cleanup's PRODUCER span), else in a new one."""
+        attributes = {
+            "messaging.system": "rabbitmq",
+            "messaging.destination.name": queue,
+            "messaging.operation": "process",
+            "messaging.operation.type": "process",
+            "messaging.message.id": _printable(message.message_id),
+            "messaging.rabbitmq.destination.routing_key": _printable(message.routing_key),
+        }
+        parent = tracing.extract(message.headers)
+        with tracing.span(self.tracer, f"process {queue}", SpanKind.CONSUMER, attributes, parent):
+            await self._handle(queue, message)
 
     async def _handle(self, queue: str, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
@@ -143,6 +163,7 @@ class Consumer:
         }
         outcome: Outcome | None = None
         error: Exception | None = None
+        decided: Decision | None = None
         parsed: list[Event] = []
         try:
             try:
@@ -171,6 +192,7 @@ class Consumer:
                     settled = Settled.REVOKED
             self.metrics.messages.labels(queue, settled).inc()
             ctx["outcome"] = str(settled)
+            _annotate(book.attempt, settled, decided, outcome, error)
             ctx["ms"] = round((time.monotonic() - started) * 1000, 1)
             log.info("message %s", settled, extra={"ctx": ctx})
         finally:
@@ -197,6 +219,9 @@ class Consumer:
         event = parse(message.body, message.content_type, message.content_encoding)
         ctx["event"] = event_key(event)
         parsed.append(event)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(_event_attributes(event))
         check_event(takes, event, producer, self.trust)
         seconds = self.deadline.total_seconds()
         try:
@@ -342,6 +367,45 @@ class Consumer:
             if outcome.channel:
                 self.metrics.deliveries.labels(outcome.channel).inc()
         self.metrics.keys.labels("deleted").inc(outcome.deleted)
+
+
+def _event_attributes(event: Event) -> dict[str, str]:
+    """Ids only: never a link or a contact."""
+    if isinstance(event, KeyCleanup):
+        return {"ikw.event_type": event.type, "ikw.instant_key_id": event.instant_key_id}
+    return {
+        "ikw.event_type": event.type,
+        "ikw.event_id": event.event_id,
+        "ikw.grant_id": event.grant_id,
+    }
+
+
+def _annotate(
+    attempt: int,
+    settled: Settled,
+    decided: Decision | None,
+    outcome: Outcome | None,
+    error: Exception | None,
+) -> None:
+    """The message span's result: the attempt, the settled outcome, why it failed."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.set_attributes({"ikw.attempt": attempt, "ikw.outcome": str(settled)})
+    if outcome is not None:
+        span.set_attribute("ikw.action", str(outcome.action))
+        if outcome.channel:
+            span.set_attribute("ikw.channel", outcome.channel)
+        if outcome.key_id:
+            span.set_attribute("ikw.instant_key_id", outcome.key_id)
+    if isinstance(decided, DeadLetter):
+        span.set_attribute("ikw.reason", decided.reason)
+    if isinstance(decided, Retry | DeadLetter):
+        # The worker's one-line error: written to hold no link or contact (dead-letter headers
+        # carry the same text).
+        tracing.fail(span, type(error).__name__, decided.error)
+    elif settled is Settled.RETURNED:
+        tracing.fail(span, "settle_failed")
 
 
 def _describe(outcome: Outcome) -> dict[str, Any]:

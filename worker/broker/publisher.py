@@ -8,7 +8,9 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, HeadersType
+from opentelemetry.trace import SpanKind, Tracer
 
+from worker import tracing
 from worker.broker.connect import BROKER_ERRORS
 from worker.events import Announcement, KeyCleanup
 from worker.queues import LEVELS, Names
@@ -26,12 +28,20 @@ def delay_routing_key(seconds: float, queue: str) -> str:
 
 
 class Publisher:
-    def __init__(self, channel: AbstractChannel, names: Names, user_id: str | None = None) -> None:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        names: Names,
+        user_id: str | None = None,
+        *,
+        tracer: Tracer | None = None,
+    ) -> None:
         """``channel`` must be opened with publisher_confirms and on_return_raises. ``user_id``
         is the connection's user: the broker checks it, so consumers can trust it."""
         self.channel = channel
         self.names = names
         self.user_id = user_id
+        self.tracer = tracer or tracing.tracer()
         self._exchanges: dict[str, AbstractExchange] = {}
 
     async def _exchange(self, name: str) -> AbstractExchange:
@@ -53,18 +63,32 @@ class Publisher:
         content_type: str | None = "application/json",
         content_encoding: str | None = None,
     ) -> None:
-        """Raises when the broker nacks or returns (unroutable) the message."""
-        message = aio_pika.Message(
-            body,
-            headers=headers or {},
-            content_type=content_type,
-            content_encoding=content_encoding,
-            message_id=message_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            user_id=self.user_id,
-        )
-        target = await self._exchange(exchange)
-        await target.publish(message, routing_key, mandatory=True, timeout=CONFIRM_TIMEOUT)
+        """Raises when the broker nacks or returns (unroutable) the message. A PRODUCER span
+        whose context goes in the ``traceparent`` header: a child of the current span, else of
+        the trace the headers already carry (a replay), else a new trace."""
+        headers = dict(headers or {})
+        parent = None if tracing.has_trace() else tracing.extract(headers)
+        attributes = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation": "publish",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": exchange or "amq.default",
+            "messaging.rabbitmq.destination.routing_key": routing_key,
+        } | ({"messaging.message.id": message_id} if message_id else {})
+        name = f"publish {exchange or routing_key}"
+        with tracing.span(self.tracer, name, SpanKind.PRODUCER, attributes, parent):
+            tracing.inject(headers)
+            message = aio_pika.Message(
+                body,
+                headers=headers,
+                content_type=content_type,
+                content_encoding=content_encoding,
+                message_id=message_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                user_id=self.user_id,
+            )
+            target = await self._exchange(exchange)
+            await target.publish(message, routing_key, mandatory=True, timeout=CONFIRM_TIMEOUT)
 
     async def publish_event(self, routing_key: str, body: bytes, message_id: str) -> None:
         await self.publish(self.names.exchange, routing_key, body, message_id=message_id)

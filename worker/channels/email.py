@@ -11,7 +11,9 @@ from email.utils import format_datetime, getaddresses, make_msgid, parseaddr
 from typing import Any, Literal
 
 import aiosmtplib
+from opentelemetry.trace import Tracer
 
+from worker import tracing
 from worker.channels.templates import Templates, shipped
 from worker.errors import ChannelRefused, CredentialsRefused, Transient, WorkerError
 from worker.guest_name import clean_name
@@ -41,12 +43,20 @@ class EmailChannel:
         timeout: float = 10.0,
         cert_bundle: str | None = None,
         templates: Templates | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         if tls not in ("none", "starttls", "tls"):
             raise ValueError(f"tls must be none, starttls or tls, not {tls!r}")
         self._sender = sender
         self._templates = templates or shipped()
         self._domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
+        self._tracer = tracer or tracing.tracer()
+        self._span_attributes: dict[str, str | int] = {
+            "server.address": host,
+            "server.port": port,
+            "network.protocol.name": "smtp",
+            "ikw.channel": self.name,
+        }
         self._connection: dict[str, Any] = {
             "hostname": host,
             "port": port,
@@ -65,11 +75,15 @@ class EmailChannel:
         if not message.email_address:
             raise ChannelRefused("the guest has no email address", code="no_email_address")
         email = self._compose(message)
-        try:
-            # The envelope names the guest's address only, whatever the headers say.
-            await aiosmtplib.send(email, recipients=[message.email_address], **self._connection)
-        except _FAILURES as exc:
-            raise _translate(exc) from None
+        # A CLIENT span: the server and the reply code, never the address or the body.
+        with tracing.client_span(self._tracer, "smtp send", self._span_attributes) as span:
+            try:
+                # The envelope names the guest's address only, whatever the headers say.
+                await aiosmtplib.send(email, recipients=[message.email_address], **self._connection)
+            except _FAILURES as exc:
+                if code := _reply_code(exc):
+                    span.set_attribute("smtp.reply_code", code)
+                raise _translate(exc) from None
         return str(email["Message-ID"])
 
     async def check(self) -> None:
@@ -140,6 +154,12 @@ def _read_back(to: Address, sending: Policy) -> tuple[list[str], list[str]] | No
     strict = [a.addr_spec for a in parsed["To"].addresses]
     unfolded = raw.partition(":")[2].replace("\r\n", "")
     return strict, [spec for _, spec in getaddresses([unfolded])]
+
+
+def _reply_code(exc: BaseException) -> int | None:
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return exc.recipients[0].code if exc.recipients else None
+    return exc.code if isinstance(exc, aiosmtplib.SMTPResponseException) else None
 
 
 def _translate(exc: BaseException) -> WorkerError:

@@ -3,13 +3,16 @@
 import logging
 from contextvars import ContextVar
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
+from opentelemetry.trace import Tracer
 from twilio.base.exceptions import TwilioException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
+from worker import tracing
 from worker.channels.templates import Templates, shipped
 from worker.errors import (
     ChannelRefused,
@@ -22,6 +25,7 @@ from worker.ports import KeyMessage
 
 # The last response's Retry-After, per task: twilio's exceptions do not keep response headers.
 _retry_after: ContextVar[str | None] = ContextVar("twilio_retry_after", default=None)
+_status: ContextVar[int | None] = ContextVar("twilio_status", default=None)  # for the span
 
 
 class _HttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
@@ -54,6 +58,7 @@ class _HttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
         ) as response:
             text = await response.text()
         _retry_after.set(response.headers.get("Retry-After"))
+        _status.set(response.status)
         return Response(response.status, text, response.headers)
 
 
@@ -72,6 +77,7 @@ class SmsChannel:
         api_url: str = "https://api.twilio.com",
         timeout: float = 10.0,
         templates: Templates | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         if not from_ and not messaging_service_sid:
             raise ValueError("SmsChannel needs from_ or messaging_service_sid")
@@ -82,6 +88,12 @@ class SmsChannel:
         self._api_url = api_url.rstrip("/")
         self._timeout = timeout
         self._templates = templates or shipped()
+        self._tracer = tracer or tracing.tracer()
+        self._span_attributes: dict[str, str | int] = {
+            "http.request.method": "POST",
+            "server.address": urlsplit(self._api_url).hostname or "",
+            "ikw.channel": self.name,
+        }
         self._http: _HttpClient | None = None
         self._client: Any = None
         # twilio's loggers can print URLs, numbers and Twilio's messages, which quote them.
@@ -96,17 +108,25 @@ class SmsChannel:
         if not message.phone_number:
             raise ChannelRefused("the guest has no phone number", code="no_phone_number")
         _retry_after.set(None)
-        try:
-            sent = await self._twilio().messages.create_async(
-                to=message.phone_number,
-                from_=self._from,
-                messaging_service_sid=self._messaging_service_sid,
-                body=self._templates.sms(message),
-            )
-        except TwilioException as exc:
-            raise _translate(exc) from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise Transient(f"twilio unreachable ({type(exc).__name__})") from None
+        _status.set(None)
+        # A CLIENT span: the host and the status, never the number or the body.
+        with tracing.client_span(self._tracer, "twilio send", self._span_attributes) as span:
+            try:
+                sent = await self._twilio().messages.create_async(
+                    to=message.phone_number,
+                    from_=self._from,
+                    messaging_service_sid=self._messaging_service_sid,
+                    body=self._templates.sms(message),
+                )
+            except TwilioException as exc:
+                if code := getattr(exc, "code", None):
+                    span.set_attribute("twilio.error_code", str(code))
+                raise _translate(exc) from None
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise Transient(f"twilio unreachable ({type(exc).__name__})") from None
+            finally:
+                if (status := _status.get()) is not None:
+                    span.set_attribute("http.response.status_code", status)
         return str(sent.sid)
 
     async def check(self) -> None:

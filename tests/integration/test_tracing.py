@@ -1,0 +1,252 @@
+"""Tracing end to end: one grant's spans across a retry and a dead-letter replay, recorded by an
+in-memory exporter on a TracerProvider handed to the worker (the global one stays a no-op)."""
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from tests.builders import grant
+from tests.integration.conftest import AMQP_URL
+from worker.broker.topology import Names
+from worker.cli import main
+from worker.sandbox import wait_for
+from worker.sandbox.all import Sandbox
+
+TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
+PRODUCER_SPAN = 0xB7AD6B7169203331
+HEADERS = {
+    "traceparent": f"00-{TRACE_ID:032x}-{PRODUCER_SPAN:016x}-01",
+    "tracestate": "booking=t61rcWkgMzE",
+}
+
+Publish = Callable[..., Awaitable[None]]
+StartWorker = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    spans = InMemorySpanExporter()
+    yield spans
+    spans.shutdown()
+
+
+@pytest.fixture
+def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider
+    provider.shutdown()
+
+
+def consumed(spans: Sequence[ReadableSpan], queue: str) -> list[ReadableSpan]:
+    found = [
+        s
+        for s in spans
+        if s.kind is SpanKind.CONSUMER and s.attributes
+        if s.attributes.get("messaging.destination.name") == queue
+    ]
+    return sorted(found, key=lambda s: s.start_time or 0)
+
+
+def parent_id(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent else None
+
+
+def children(spans: Sequence[ReadableSpan], of: ReadableSpan, kind: SpanKind) -> list[ReadableSpan]:
+    return [s for s in spans if s.kind is kind and parent_id(s) == of.context.span_id]
+
+
+def everything_said(spans: Sequence[ReadableSpan]) -> str:
+    """Every name, attribute, status and event of the spans, as one text."""
+    parts: list[str] = []
+    for span in spans:
+        parts += [span.name, json.dumps(dict(span.attributes or {}), default=str)]
+        parts.append(span.status.description or "")
+        for event in span.events:
+            parts += [event.name, json.dumps(dict(event.attributes or {}), default=str)]
+    return "\n".join(parts)
+
+
+async def test_one_grant_is_one_trace_across_a_retry(
+    sandbox: Sandbox,
+    start_worker: StartWorker,
+    publish: Publish,
+    names: Names,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    log_lines: list[str],
+) -> None:
+    await start_worker(tracer_provider=provider)
+    # After the key is generated: the retry finds it and delivers it.
+    sandbox.seam.fail_next(503, path="/instant_keys/list")
+    event = grant()
+    await publish(event, headers=HEADERS, message_id=event["event_id"])
+
+    def settled() -> list[ReadableSpan]:
+        grants = consumed(exporter.get_finished_spans(), names.grants)
+        return (
+            grants
+            if [(s.attributes or {}).get("ikw.outcome") for s in grants]
+            == [
+                "retried",
+                "acked",
+            ]
+            else []
+        )
+
+    await wait_for(settled, 20, "both attempts' spans")
+    spans = exporter.get_finished_spans()
+    first, second = consumed(spans, names.grants)
+
+    # One trace, the producer's, with its tracestate, across the retry.
+    assert {s.context.trace_id for s in spans if s in (first, second)} == {TRACE_ID}
+    assert parent_id(first) == PRODUCER_SPAN
+    [retry] = [
+        s
+        for s in children(spans, first, SpanKind.PRODUCER)
+        if str((s.attributes or {}).get("messaging.rabbitmq.destination.routing_key")).endswith(
+            "." + names.grants
+        )
+    ]
+    assert parent_id(second) == retry.context.span_id
+    assert second.context.trace_state.get("booking") == "t61rcWkgMzE"
+
+    for span, attempt in ((first, 1), (second, 2)):
+        attributes = span.attributes or {}
+        assert attributes["messaging.system"] == "rabbitmq"
+        assert attributes["messaging.operation.type"] == "process"
+        assert attributes["messaging.message.id"] == event["event_id"]
+        assert attributes["messaging.rabbitmq.destination.routing_key"] in (
+            "access.granted",
+            retry.attributes and retry.attributes["messaging.rabbitmq.destination.routing_key"],
+        )
+        assert attributes["ikw.grant_id"] == event["grant_id"]
+        assert attributes["ikw.event_id"] == event["event_id"]
+        assert attributes["ikw.attempt"] == attempt
+    assert first.status.status_code is StatusCode.ERROR
+    assert "503" in (first.status.description or "")
+    assert second.status.status_code is StatusCode.UNSET
+
+    # Seam calls are CLIENT spans of the message span that made them (the worker's credentials
+    # check at start is a trace of its own).
+    seam = [
+        s
+        for s in spans
+        if s.kind is SpanKind.CLIENT
+        and s.name.startswith("POST /")
+        and s.context.trace_id == TRACE_ID
+    ]
+    assert seam and all(
+        parent_id(s) in (first.context.span_id, second.context.span_id) for s in seam
+    )
+    [failed] = [s for s in seam if (s.attributes or {}).get("http.response.status_code") == 503]
+    assert parent_id(failed) == first.context.span_id
+    assert failed.attributes and failed.attributes["url.path"] == "/instant_keys/list"
+    assert failed.attributes["http.request.method"] == "POST"
+    assert failed.attributes["server.address"] == "127.0.0.1"
+    assert [s.name for s in children(spans, second, SpanKind.CLIENT) if "POST" in s.name] == [
+        "POST /user_identities/get",
+        "POST /instant_keys/list",
+    ]
+
+    # The SMS went out in the second attempt; the cleanup timer was set in the first.
+    [sms] = [s for s in children(spans, second, SpanKind.CLIENT) if s.name == "twilio send"]
+    assert sms.attributes and sms.attributes["http.response.status_code"] == 201
+    cleanups = [
+        s
+        for s in children(spans, first, SpanKind.PRODUCER)
+        if (s.attributes or {}).get("messaging.message.id", "").startswith("cleanup-")
+    ]
+    assert cleanups
+    assert any(
+        (s.attributes or {}).get("messaging.rabbitmq.destination.routing_key") == "access.delivered"
+        for s in children(spans, second, SpanKind.PRODUCER)
+    )
+
+    # Nothing a span says holds the link or the guest's contacts.
+    said = everything_said(spans)
+    [key] = sandbox.seam.keys.values()
+    assert key["instant_key_url"] not in said
+    assert event["user_identity"]["phone_number"] not in said
+    assert event["user_identity"]["email_address"] not in said
+
+    # The log lines written while handling the grant carry its trace and its message span.
+    lines = [json.loads(line) for line in log_lines]
+    handled = [line for line in lines if line.get("queue") == names.grants]
+    assert [line["msg"] for line in handled if line["msg"].startswith("message ")] == [
+        "message retried",
+        "message acked",
+    ]
+    assert {line.get("trace_id") for line in handled} == {f"{TRACE_ID:032x}"}
+    assert {line["span_id"] for line in handled} == {
+        f"{s.context.span_id:016x}" for s in (first, second)
+    }
+
+
+async def test_a_replayed_dead_letter_stays_in_the_producers_trace(
+    sandbox: Sandbox,
+    start_worker: StartWorker,
+    publish: Publish,
+    names: Names,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await start_worker(tracer_provider=provider)
+    sandbox.seam.fail_next(400, "invalid_input", path="/user_identities/get")
+    event = grant()
+    await publish(event, headers=HEADERS, message_id=event["event_id"])
+    await wait_for(
+        lambda: (
+            [
+                (s.attributes or {}).get("ikw.outcome")
+                for s in consumed(exporter.get_finished_spans(), names.grants)
+            ]
+            == ["dead_lettered"]
+        ),
+        15,
+        "the dead letter",
+    )
+    # `ikw dlq replay`, with tracing off: the headers it replays carry the trace.
+    monkeypatch.setenv("IKW_NAMESPACE", names.namespace)
+    monkeypatch.setenv("AMQP_URL", AMQP_URL)
+    assert await asyncio.to_thread(main, ["dlq", "replay", event["event_id"], "--yes"]) == 0
+
+    await wait_for(lambda: len(consumed(exporter.get_finished_spans(), names.grants)) == 2, 15)
+    first, replayed = consumed(exporter.get_finished_spans(), names.grants)
+    assert (first.attributes or {})["ikw.outcome"] == "dead_lettered"
+    assert (first.attributes or {})["ikw.reason"] == "seam_rejected"
+    assert first.context.trace_id == replayed.context.trace_id == TRACE_ID
+    [dead_letter] = [
+        s
+        for s in children(exporter.get_finished_spans(), first, SpanKind.PRODUCER)
+        if (s.attributes or {}).get("messaging.rabbitmq.destination.routing_key") == names.dead
+    ]
+    assert parent_id(replayed) == dead_letter.context.span_id
+
+
+async def test_ikw_publish_starts_a_trace(
+    names: Names, amqp: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IKW_NAMESPACE", names.namespace)
+    monkeypatch.setenv("AMQP_URL", AMQP_URL)
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)  # tracing off in the command
+    args = ["publish", "grant", "--key", "guest-traced", "--phone", "+14155550100"]
+    assert await asyncio.to_thread(main, args) == 0
+
+    channel = await amqp.channel()
+    queue = await channel.get_queue(names.grants)
+    message = await queue.get(fail=False, timeout=5)
+    assert message is not None
+    await message.ack()
+    await channel.close()
+    version, trace_id, span_id, flags = message.headers["traceparent"].split("-")
+    assert (version, flags) == ("00", "01")
+    assert int(trace_id, 16) and int(span_id, 16)
