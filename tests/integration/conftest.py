@@ -4,7 +4,6 @@ import asyncio
 import logging
 import os
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from worker.broker import topology
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.logs import JsonFormatter
-from worker.sandbox import wait_for
+from worker.sandbox import changed, wait_for
 from worker.sandbox.all import Sandbox
 from worker.sandbox.twilio import TwilioSandbox
 from worker.service import Service
@@ -36,6 +35,7 @@ class Lines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record))
+        changed()  # the worker did something: waiters look again
 
 
 @pytest.fixture
@@ -154,11 +154,19 @@ async def drain(
 async def dead_letters(amqp: Any, names: Names, count: int, within: float = 20) -> list[Any]:
     """Wait until ``count`` dead letters arrived; return them (taken off the dead queue)."""
     found: list[Any] = []
-    deadline = time.monotonic() + within
-    while len(found) < count:
-        assert time.monotonic() < deadline, f"{len(found)} dead letters, expected {count}"
-        found.extend(await drain(amqp, names.dead))
-        await asyncio.sleep(0.05)
+
+    async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        await message.ack()
+        found.append(message)
+        changed()
+
+    channel = await amqp.channel()
+    queue = await channel.get_queue(names.dead)
+    await queue.consume(take)
+    try:
+        await wait_for(lambda: len(found) >= count, within, f"{count} dead letters")
+    finally:
+        await channel.close()
     return found
 
 

@@ -35,7 +35,8 @@ async def test_seam_503_then_200_is_delivered_after_a_retry(
 
     await wait_for(lambda: sandbox.twilio.outbox, 20, "the SMS after a retry")
     assert settled(service, names.grants, "retried") == 1
-    assert settled(service, names.grants, "acked") == 1
+    # The SMS went out; the ack follows it.
+    await wait_for(lambda: settled(service, names.grants, "acked") == 1, 5, "the ack")
     assert await drain(amqp, names.dead) == []
     assert len(sandbox.seam.issued) == 1
 
@@ -149,14 +150,18 @@ async def test_cleanup_and_revoke_retry_too(
     await wait_for(lambda: sandbox.twilio.outbox, 15, "the SMS")
     sandbox.seam.fail_next(503, path="/instant_keys/delete")
     await wait_for(lambda: not sandbox.seam.keys, 20, "deletion after a failed first try")
+    await wait_for(lambda: settled(service, names.cleanup, "acked") == 1, 5, "the cleanup's ack")
     assert settled(service, names.cleanup, "retried") == 1
 
     sandbox.seam.key_lifetime = 3600
     await publish(grant("guest-b", phone="+14155550122", email="b@example.com"))
-    await wait_for(lambda: sandbox.seam.keys, 15, "guest-b's key")
+    await wait_for(lambda: len(sandbox.twilio.outbox) == 2, 15, "guest-b's SMS")
     sandbox.seam.fail_next(502, path="/instant_keys/list")
     await publish(revoke("guest-b"))
     await wait_for(lambda: not sandbox.seam.keys, 20, "revoke after a failed first try")
+    await wait_for(
+        lambda: settled(service, names.revocations, "acked") == 1, 5, "the revoke's ack"
+    )
     assert settled(service, names.revocations, "retried") == 1
     assert await drain(amqp, names.dead) == []
 

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from worker.http import Served
+from worker.sandbox import changed
 
 Json = dict[str, Any]
 Route = Callable[[Json], Awaitable[Json]]
@@ -305,6 +306,7 @@ class SeamSandbox(Served):
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["seam-request-id"] = str(uuid.uuid4())
+    changed()
 
 
 async def _params(request: web.Request) -> Json | None:

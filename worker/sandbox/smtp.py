@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from worker.sandbox import changed
+
 # aiosmtpd itself sets the deprecated Session.login_data on every login and logs a warning.
 logging.getLogger("mail.log").addFilter(
     lambda record: "login_data is deprecated" not in record.getMessage()
@@ -177,6 +179,7 @@ class SmtpSandbox:
         self.envelopes.append(accepted)
         for listener in self.listeners:
             listener(parsed, accepted)
+        changed()
         return "250 OK: queued"
 
     def _take_refusal(self, stage: str) -> _Refusal | None:

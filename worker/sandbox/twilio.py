@@ -20,6 +20,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from worker.http import Served
+from worker.sandbox import changed
 
 DEFAULT_ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 DEFAULT_AUTH_TOKEN = "sandbox-auth-token"
@@ -87,6 +88,7 @@ class TwilioSandbox(Served):
         self, account_sid: str = DEFAULT_ACCOUNT_SID, auth_token: str = DEFAULT_AUTH_TOKEN
     ) -> None:
         app = web.Application()
+        app.on_response_prepare.append(_answered)
         base = f"/{API_VERSION}/Accounts/{{account_sid}}"
         app.router.add_post(base + "/Messages.json", self._create_message)
         app.router.add_get(base + "/Messages.json", self._list_messages)
@@ -355,3 +357,7 @@ def _reason(status: int) -> str:
 def _segments(body: str) -> int:
     single, multi = (160, 153) if body.isascii() else (70, 67)
     return 1 if len(body) <= single else math.ceil(len(body) / multi)
+
+
+async def _answered(request: web.Request, response: web.StreamResponse) -> None:
+    changed()
