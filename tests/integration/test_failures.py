@@ -159,9 +159,7 @@ async def test_cleanup_and_revoke_retry_too(
     sandbox.seam.fail_next(502, path="/instant_keys/list")
     await publish(revoke("guest-b"))
     await wait_for(lambda: not sandbox.seam.keys, 20, "revoke after a failed first try")
-    await wait_for(
-        lambda: settled(service, names.revocations, "acked") == 1, 5, "the revoke's ack"
-    )
+    await wait_for(lambda: settled(service, names.revocations, "acked") == 1, 5, "the revoke's ack")
     assert settled(service, names.revocations, "retried") == 1
     assert await drain(amqp, names.dead) == []
 
