@@ -316,7 +316,7 @@ def test_other_library_errors_keep_their_level() -> None:
     quiet_reconnects()
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
+    handler.emit = records.append  # type: ignore[method-assign,assignment]
     logger.addHandler(handler)
     try:
         logger.error("Callback %r error: %s: %s", "<my_callback>", "KeyError", "boom")

@@ -19,8 +19,8 @@ import pytest
 from tests.builders import body, grant
 from tests.integration.conftest import AMQP_URL
 from worker import dlq
-from worker.broker.topology import DELIVERY_LIMIT, Names
 from worker.cli import main
+from worker.queues import DELIVERY_LIMIT, Names
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
 from worker.service import Service

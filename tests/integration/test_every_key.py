@@ -36,7 +36,7 @@ LINK = re.compile(r"https://\S+")
 def link_in(text: str) -> str:
     """The one link a message holds, as the guest would tap it."""
     [url] = LINK.findall(text)
-    return url
+    return str(url)
 
 
 def dead_count(service: Service, reason: str) -> float:

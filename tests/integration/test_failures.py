@@ -85,7 +85,7 @@ async def test_a_refused_number_falls_through_to_email(
 
     await wait_for(lambda: sandbox.smtp.messages, 20, "the fallback email")
     [url] = [k["instant_key_url"] for k in sandbox.seam.keys.values()]
-    assert url in sandbox.smtp.messages[0].get_body(("plain",)).get_content()
+    assert url in sandbox.smtp.messages[0].get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert sandbox.twilio.outbox == []
     assert await drain(amqp, names.dead) == []
 

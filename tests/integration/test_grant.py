@@ -44,8 +44,8 @@ async def test_grant_by_email_has_the_link_in_both_parts(
     [url] = links(sandbox)
     [mail] = sandbox.smtp.messages
     assert mail["To"].addresses[0].addr_spec == "grace@example.com"
-    assert url in mail.get_body(("plain",)).get_content()
-    assert f'href="{url}"' in mail.get_body(("html",)).get_content()
+    assert url in mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert f'href="{url}"' in mail.get_body(("html",)).get_content()  # type: ignore[union-attr]
     assert sandbox.twilio.outbox == []
 
 

@@ -10,6 +10,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -234,18 +235,16 @@ async def test_producer_may_do_nothing_else(
         "instant_key.deleted",
         f"0.0.1.{names.cleanup}",
     ]:
-        await refused(producer, lambda ch, key=key: publish(ch, main, key, message(user)))
+        await refused(producer, partial(_publish_to, main, key, message(user)))
     # The delay levels, and the default exchange (which could reach any queue by name).
     for exchange in [names.delay(n) for n in range(LEVELS)] + [names.deliver]:
         key = delay_routing_key(1, names.cleanup)
-        await refused(
-            producer, lambda ch, ex=exchange, key=key: publish(ch, ex, key, message(user))
-        )
+        await refused(producer, partial(_publish_to, exchange, key, message(user)))
     for queue in [names.grants, names.cleanup, f"{names.namespace}.fence"]:
-        await refused(producer, lambda ch, q=queue: publish(ch, "", q, message(user)))
+        await refused(producer, partial(_publish_to, "", queue, message(user)))
     # Reading: no queue at all.
     for queue in every_queue(names):
-        await refused(producer, lambda ch, q=queue: _consume(ch, q))
+        await refused(producer, partial(_consume_from, queue))
     await refused(producer, lambda ch: _basic_get(ch, names.grants))
     # Configuring: declare, bind, delete.
     await refused(producer, lambda ch: ch.declare_queue(exclusive=True))
@@ -255,12 +254,12 @@ async def test_producer_may_do_nothing_else(
     await refused(producer, lambda ch: ch.queue_delete(names.grants))
     # Its own queue may hear the outcome events, never the other producers' events.
     for key in ["access.granted", "access.revoked", "#", "access.*", "instant_key.cleanup"]:
-        await refused(producer, lambda ch, key=key: _listen(ch, main, key))
+        await refused(producer, partial(_listen_to, main, key))
     # Someone else's name on its event.
     for other in [broker.user(WORKER), "guest"]:
         await refused(
             producer,
-            lambda ch, o=other: publish(ch, main, "access.granted", message(o)),
+            partial(_publish_to, main, "access.granted", message(other)),
             aiormq.exceptions.ChannelPreconditionFailed,
         )
 
@@ -290,6 +289,20 @@ async def _listen(channel: AbstractChannel, exchange: str, key: str) -> aio_pika
     queue = await channel.declare_queue("booking.outcomes", durable=True)
     await queue.bind(exchange, key)
     return queue
+
+
+async def _publish_to(
+    exchange: str, key: str, msg: aio_pika.Message, channel: AbstractChannel
+) -> None:
+    await publish(channel, exchange, key, msg)
+
+
+async def _consume_from(queue: str, channel: AbstractChannel) -> None:
+    await _consume(channel, queue)
+
+
+async def _listen_to(exchange: str, key: str, channel: AbstractChannel) -> None:
+    await _listen(channel, exchange, key)
 
 
 async def _consume(channel: AbstractChannel, queue: str) -> None:
@@ -354,7 +367,8 @@ async def test_worker_does_its_job_without_configure(
     ]:
         [got] = await take(queues[name])
         assert (got.body, got.user_id) == (body, user), name
-    [got] = await take(queues[fence], **{"x-stream-offset": "first"})
+    stream: dict[str, Any] = {"x-stream-offset": "first"}
+    [got] = await take(queues[fence], **stream)
     assert (got.body, got.user_id) == (b"fenced", user)
     events = await take(subscriber, len(outcomes))
     assert sorted((m.body.decode(), m.user_id) for m in events) == sorted(

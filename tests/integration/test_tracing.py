@@ -162,7 +162,7 @@ async def test_one_grant_is_one_trace_across_a_retry(
     cleanups = [
         s
         for s in children(spans, first, SpanKind.PRODUCER)
-        if (s.attributes or {}).get("messaging.message.id", "").startswith("cleanup-")
+        if str((s.attributes or {}).get("messaging.message.id", "")).startswith("cleanup-")
     ]
     assert cleanups
     assert any(

@@ -13,6 +13,7 @@ import aio_pika
 import pytest
 
 import worker.broker.consumer
+import worker.broker.decision
 from tests.builders import body, grant, revoke
 from tests.integration.conftest import AMQP_URL, dead_letters, drain
 from worker.broker.publisher import Publisher
@@ -269,7 +270,7 @@ async def test_a_message_whose_settling_fails_goes_back_to_the_broker(
     monkeypatch: pytest.MonkeyPatch,
     log_lines: list[str],
 ) -> None:
-    real = worker.broker.consumer.decide
+    real = worker.broker.decision.decide
     failures = [RuntimeError("a bug in the decision")]
 
     def decide_once_wrong(*args: Any, **kwargs: Any) -> Any:

@@ -52,7 +52,8 @@ def changed(event: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     for part in parents:
         target = target[part]
     target[last] = value
-    return copy
+    result: dict[str, Any] = copy
+    return result
 
 
 CASES = [

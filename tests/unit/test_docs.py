@@ -24,6 +24,6 @@ def test_every_setting_is_in_the_configuration_table(variable: str) -> None:
 
 
 def test_every_command_is_in_the_readme() -> None:
-    commands = parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    for name in commands:
+    [action] = parser()._subparsers._group_actions  # type: ignore[union-attr]
+    for name in action.choices or ():
         assert f"ikw {name}" in README, name

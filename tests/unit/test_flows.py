@@ -5,6 +5,7 @@ import asyncio
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -155,7 +156,7 @@ def at(moment: datetime) -> str:
     return moment.isoformat()
 
 
-def event(occurred_at: datetime = NOW - timedelta(minutes=1), **kwargs: object) -> AccessGranted:
+def event(occurred_at: datetime = NOW - timedelta(minutes=1), **kwargs: Any) -> AccessGranted:
     parsed = parse(body(grant("guest-1", occurred_at=at(occurred_at), **kwargs)), None)
     assert isinstance(parsed, AccessGranted)
     return parsed

@@ -3,9 +3,10 @@ calls and sends must exist there, and it must read answers holding only the requ
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 from multidict import CIMultiDict
 
@@ -117,7 +118,11 @@ def _fields_problems(body: Json, schema: Json) -> list[str]:
 @pytest.mark.parametrize("name", CALLS)
 async def test_client_calls_match_reference(reference: Json, name: str) -> None:
     session = _Session(reference)
-    client = SeamClient("https://connect.getseam.com", "seam_test_key", session=session)
+    client = SeamClient(
+        "https://connect.getseam.com",
+        "seam_test_key",
+        session=cast(aiohttp.ClientSession, session),
+    )
 
     result = await CALLS[name](client)
 

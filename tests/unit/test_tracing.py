@@ -4,6 +4,7 @@ in replayed headers."""
 import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -46,7 +47,7 @@ def test_tracing_is_on_only_when_the_environment_asks(
         assert tracing.setup(env) is None
 
 
-def processors(provider: TracerProvider) -> list[object]:
+def processors(provider: TracerProvider) -> list[Any]:
     return list(provider._active_span_processor._span_processors)
 
 
