@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import os
 import signal
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
@@ -133,9 +134,10 @@ class Service:
         try:
             await self.http.start("0.0.0.0", self.settings.http_port)
         except OSError as exc:
+            why = os.strerror(exc.errno).lower() if exc.errno else type(exc).__name__
             raise StartError(
-                f"cannot serve health and metrics on port {self.settings.http_port} "
-                f"({exc.strerror}); free it or set IKW_HTTP_PORT"
+                f"cannot serve health and metrics on port {self.settings.http_port} ({why}); "
+                "free it or set IKW_HTTP_PORT"
             ) from None
         self.connection = await connect(self.settings.amqp_url)
         self.connection.close_callbacks.add(self._connection_lost)

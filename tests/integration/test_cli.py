@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -325,3 +326,30 @@ def test_other_library_errors_keep_their_level() -> None:
     finally:
         logger.removeHandler(handler)
     assert [r.levelname for r in records] == ["ERROR", "ERROR", "WARNING"]
+
+
+def test_a_busy_health_port_stops_the_start_with_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*IKW, "run"],
+            env=env(f"ikw_test_{uuid.uuid4().hex[:10]}")
+            | {
+                "IKW_HTTP_PORT": str(port),
+                "SEAM_API_KEY": "k",
+                "SMTP_HOST": "127.0.0.1",
+                "EMAIL_FROM": "keys@example.com",
+            },
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"ikw: cannot serve health and metrics on port {port} (address already in use); "
+        "free it or set IKW_HTTP_PORT"
+    )
+    assert "lost the connection" not in result.stderr and "Traceback" not in result.stderr

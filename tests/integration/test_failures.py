@@ -1,6 +1,7 @@
 """Every failure ends acked after a retry, delivered by another channel, or dead-lettered with a
 reason; each is made to happen for real against the broker and the stand-ins."""
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -58,12 +59,17 @@ async def test_seam_429_retry_waits_for_retry_after(
 
 
 async def test_seam_400_is_dead_lettered_with_its_reason_and_the_body_intact(
-    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names, amqp: Any
+    sandbox: Sandbox,
+    start_worker: StartWorker,
+    publish: Publish,
+    names: Names,
+    amqp: Any,
+    log_lines: list[str],
 ) -> None:
     await start_worker()
     sandbox.seam.fail_next(400, "invalid_input", path="/user_identities/get")
     event = body(grant("guest-400"))
-    await publish(event)
+    await publish(event, message_id="evt-400")
 
     [dead] = await dead_letters(amqp, names, 1)
     assert dead.body == event
@@ -74,6 +80,8 @@ async def test_seam_400_is_dead_lettered_with_its_reason_and_the_body_intact(
     assert dead.headers["x-ikw-attempts"] == 1
     assert dead.headers["x-ikw-first-failed-at"]
     assert sandbox.twilio.outbox == []
+    [logged] = [json.loads(line) for line in log_lines if '"msg": "dead-lettered"' in line]
+    assert (logged["message_id"], logged["reason"]) == ("evt-400", "seam_rejected")
 
 
 async def test_a_refused_number_falls_through_to_email(
