@@ -118,7 +118,9 @@ class Service:
         following = await self.connection.channel()
         self._channels = [consuming, publishing, following]
         if self.settings.declare:
-            await topology.declare(publishing, self.names, self.settings.revoke_retention)
+            await topology.declare(
+                publishing, self.names, self.settings.revoke_retention, self.settings.quorum_size
+            )
         publisher = Publisher(publishing, self.names, self.settings.broker_user)
         self.fence = StreamFence(self.names, publisher, self.settings.broker_user)
         await self.fence.start(following)
