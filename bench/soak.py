@@ -422,6 +422,7 @@ class Failovers:
     failures: list[Failure] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     error: str | None = None
+    busy: bool = False  # a node is being stopped, killed or restarted: let that finish
 
     def start(self, progress: Callable[[], float]) -> None:
         self.task = asyncio.create_task(self._run(progress))
@@ -457,6 +458,7 @@ class Failovers:
 
     async def _fail(self, node: int, command: str, leader: int) -> None:
         how = "stopped" if command == "stop-node" else "SIGKILL"
+        self.busy = True
         failure = Failure(node, how, node == leader, time.monotonic())
         self.failures.append(failure)
         print(f"failover: ikw{node} {how} (leader ikw{leader})", file=sys.stderr)
@@ -465,11 +467,14 @@ class Failovers:
         await asyncio.sleep(self.downtime)
         await cluster("start-node", str(node))
         failure.back = time.monotonic()
+        self.busy = False
         print(f"failover: ikw{node} back after {failure.back - failure.at:.1f} s", file=sys.stderr)
 
     async def stop(self) -> None:
         """Cancel what is pending and bring back any node left down."""
         if self.task is not None:
+            if self.busy:  # bounded: each bench/cluster call has its timeout
+                await asyncio.gather(self.task, return_exceptions=True)
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
         for failure in self.failures:
