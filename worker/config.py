@@ -243,21 +243,27 @@ def _amqp_url(r: _Reader) -> str:
     raw = r.text("AMQP_URL", Settings.amqp_url) or Settings.amqp_url
     urls = amqp_urls(raw)
     for number, url in enumerate(urls, 1):
-        which = f"address {number} of {len(urls)}" if len(urls) > 1 else "the URL"
+        which = f"AMQP_URL: address {number} of {len(urls)}:" if len(urls) > 1 else "AMQP_URL:"
         parts = urlsplit(url)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            r.problems.append(
+                f"{which} must be a amqp or amqps URL with a host (or host:port after the "
+                f"first), got {parts.scheme + '://…' if parts.scheme else '…'!r}"
+            )
+            return raw
         try:
             port_ok = parts.port is None or 1 <= parts.port <= 65535
         except ValueError:
             port_ok = False
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname or not port_ok:
+        if not port_ok:
+            raw_port = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
             r.problems.append(
-                f"AMQP_URL: {which} must be an amqp:// or amqps:// URL (or host:port after the "
-                f"first) with a host and a port from 1 to 65535, got {parts.scheme or '?'}://…"
+                f"{which} the port must be a number from 1 to 65535, got {raw_port[:20]!r}"
             )
             return raw
         if parts.username != urlsplit(urls[0]).username:
             r.problems.append(
-                f"AMQP_URL: {which} names another user than the first; every address must use "
+                f"{which} names another user than the first; every address must use "
                 "the same user (the worker puts it in each message's user_id)"
             )
             return raw
