@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo run sandbox test lint schemas bench soak clean
+.PHONY: install demo run sandbox test lint schemas bench soak soak-cluster cluster-start cluster-stop clean
 
 install: $(STAMP)
 
@@ -39,6 +39,17 @@ bench: install  ## throughput and latency against the stand-ins
 
 soak: install  ## fault soak: lost and duplicate keys must print 0
 	$(BIN)/python bench/soak.py
+
+# A three-node RabbitMQ cluster on 5701-5703 (root or the rabbitmq user; the broker on 5672 is
+# left alone). `bench/cluster run` always stops the cluster after the soak, failed or not.
+soak-cluster: install  ## the soak on a 3-node cluster: the grants leader stopped, a node SIGKILLed
+	bench/cluster run $(BIN)/python bench/soak.py --cluster --deadline 1500
+
+cluster-start:  ## the bench's 3-node cluster (AMQP_URL printed)
+	bench/cluster start
+
+cluster-stop:
+	bench/cluster stop
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

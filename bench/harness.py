@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from worker import config
 from worker.broker import topology
+from worker.broker.connect import connect
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 
@@ -280,21 +280,21 @@ class LogSummary:
 
 
 class Broker:
-    """A direct (unproxied) connection for declaring, publishing, reading and deleting."""
+    """A direct (unproxied) connection for declaring, publishing, reading and deleting. ``url``
+    may list several nodes (AMQP_URL's comma form): the worker's own connect() tries them."""
 
-    def __init__(self, url: str, names: Names) -> None:
+    def __init__(self, url: str, names: Names, quorum_size: int | None = None) -> None:
         self.url = url
         self.names = names
+        self.quorum_size = quorum_size
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractChannel | None = None
         self.publisher: Publisher | None = None
 
     async def open(self) -> None:
-        self.connection = await aio_pika.connect_robust(
-            self.url, client_properties={"connection_name": f"bench {self.names.namespace}"}
-        )
+        self.connection = await connect(self.url, f"bench {self.names.namespace}")
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        await topology.declare(self.channel, self.names)
+        await topology.declare(self.channel, self.names, quorum_size=self.quorum_size)
         self.publisher = Publisher(
             self.channel, self.names, config.Settings(amqp_url=self.url).broker_user
         )

@@ -1,13 +1,17 @@
 """Fault soak: grants through several `ikw run` workers while Seam answers 503, Twilio 429 and a
-proxy cuts every AMQP connection; then count what was delivered, dead-lettered, sent twice, minted
-twice and lost. Exits 1 when a grant is lost, an identity holds two live keys or a worker hangs.
+proxy cuts every AMQP connection (or, with --cluster, two nodes of a three-node cluster fail); then
+count what was delivered, dead-lettered, sent twice, minted twice and lost. Exits 1 when a grant
+is lost, an identity holds two live keys or a worker hangs.
 
-Every event carries its number in the guest's name ("Guest E000042"), which the SMS and the email
-quote, so each send maps to exactly one event; each identity has its own phone and email address.
+Every event carries its number in the guest's name, written in letters since the worker drops a
+name holding a digit ("Guest Eaabq" is event 42: four base-26 digits a-z), which the SMS and the
+email quote, so each send maps to exactly one event; each identity has its own phone and email.
 """
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import random
 import re
@@ -16,6 +20,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +30,7 @@ from harness import (
     Broker,
     Exit,
     LogSummary,
+    StampedList,
     Workers,
     broker_port,
     grant_body,
@@ -35,11 +41,15 @@ from harness import (
     worker_env,
 )
 
+from worker.broker import topology
+from worker.broker.connect import BROKER_ERRORS, connect
 from worker.broker.topology import Names
+from worker.config import amqp_urls
 from worker.sandbox.all import Sandbox
 from worker.sandbox.proxy import Proxy
 
-TAG = re.compile(r"Guest E(\d{6})")
+TAG = re.compile(r"Guest E([a-z]{4})\b")
+TAG_LETTERS = 4
 LINK = re.compile(r"https://ik\.seam\.co/[A-Za-z0-9_-]+")
 
 
@@ -62,7 +72,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--email-only", type=float, default=0.10, help="share of identities without a phone")
     add("--max-attempts", type=int, default=20, help="IKW_MAX_ATTEMPTS (20)")
     add("--seed", type=int, default=None, help="random seed for the plan (default: random)")
-    return parser.parse_args(argv)
+    add(
+        "--cluster",
+        action="store_true",
+        help="AMQP_URL lists the three nodes of bench/cluster: no proxy; stop the grants "
+        "queue's leader, later SIGKILL another node, restart both (run by make soak-cluster)",
+    )
+    add(
+        "--fail-at", type=float, nargs=2, default=[0.2, 0.5], help="share accounted at each failure"
+    )
+    args = parser.parse_args(argv)
+    if not 1 <= args.grants <= 26**TAG_LETTERS:
+        parser.error(f"--grants: 1 to {26**TAG_LETTERS}")
+    if args.cluster:
+        args.cut_every = 0.0
+    return args
 
 
 # ---------------------------------------------------------------------------------- the plan
@@ -86,10 +110,26 @@ class Grant:
 
     def body(self) -> bytes:
         g = self.guest
-        name = f"Guest E{self.number:06d}"
+        name = f"Guest E{tag(self.number)}"
         return grant_body(
             self.event_id, g.key, name=name, phone=g.phone, email=g.email, channels=g.channels
         )
+
+
+def tag(number: int) -> str:
+    """``number`` in TAG_LETTERS base-26 digits a-z: 0 is aaaa, 42 is aabq."""
+    letters = ""
+    for _ in range(TAG_LETTERS):
+        number, digit = divmod(number, 26)
+        letters = chr(ord("a") + digit) + letters
+    return letters
+
+
+def untag(letters: str) -> int:
+    number = 0
+    for letter in letters:
+        number = number * 26 + ord(letter) - ord("a")
+    return number
 
 
 def make_guests(count: int, email_only: float, rng: random.Random, prefix: str) -> list[Guest]:
@@ -172,11 +212,11 @@ class Tally:
         self._mail_seen = len(messages)
 
     def _count(self, channel: str, text: str) -> None:
-        tag = TAG.search(text)
-        if tag is None or int(tag[1]) >= len(self.grants):
+        found = TAG.search(text)
+        if found is None or untag(found[1]) >= len(self.grants):
             self.unidentified += 1
             return
-        number = int(tag[1])
+        number = untag(found[1])
         self.sends[number] += 1
         self.by_channel[channel] += 1
         guest = self.grants[number].guest.index
@@ -250,6 +290,7 @@ class Watch:
 
     after: float | None = None
     consumers: list[int] = field(default_factory=list)
+    samples: list[tuple[float, int | None]] = field(default_factory=list)  # None: no answer
 
 
 async def wait_accounted(
@@ -279,7 +320,15 @@ async def wait_accounted(
             print(note + f"{len(tally.dead)} dead letters, {faults.cuts} cuts", file=sys.stderr)
             next_note += 10
         workers.check_alive()
-        watch.consumers.append((await queue_counts(broker.channel, broker.names.grants))[1])
+        try:
+            consumers: int | None = (
+                await asyncio.wait_for(queue_counts(broker.channel, broker.names.grants), 5)
+            )[1]
+        except BROKER_ERRORS:  # our own connection failing over: no look this time
+            consumers = None
+        watch.samples.append((time.monotonic(), consumers))
+        if consumers is not None:
+            watch.consumers.append(consumers)
         await asyncio.sleep(0.25)
 
 
@@ -293,10 +342,12 @@ class Leftovers:
 
 
 async def census(channel: AbstractChannel, names: Names, tally: Tally) -> Leftovers:
-    """Read (and remove) every message left in the namespace's queues but the dead one."""
+    """Read (and remove) every message left in the namespace's queues but the dead one and the
+    fence."""
     left = Leftovers()
     for name in names.all_queues():
-        if name == names.dead or (await queue_counts(channel, name))[0] == 0:
+        # The fence is a stream (no basic.get): revokes, which the soak does not publish.
+        if name in (names.dead, names.fence) or (await queue_counts(channel, name))[0] == 0:
             continue
         queue = await channel.get_queue(name)
         while (message := await queue.get(no_ack=True, fail=False)) is not None:
@@ -316,6 +367,182 @@ async def drain_dead(channel: AbstractChannel, names: Names, tally: Tally) -> No
         tally.on_dead(message)
 
 
+# ------------------------------------------------------------------------------ failovers
+
+CLUSTER = Path(__file__).with_name("cluster")
+
+
+async def cluster(*args: str, timeout: float = 300) -> str:
+    """Run ``bench/cluster ARGS``; its stdout, or RuntimeError with its stderr."""
+    process = await asyncio.create_subprocess_exec(
+        str(CLUSTER),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise
+    if process.returncode:
+        raise RuntimeError(f"bench/cluster {' '.join(args)}: {err.decode().strip()[-400:]}")
+    return out.decode().strip()
+
+
+def node_of(port: int) -> int:
+    """bench/cluster's node number from its AMQP port (5701 -> 1)."""
+    return port - 5700
+
+
+@dataclass
+class Failure:
+    node: int
+    how: str  # "stopped" (rabbitmqctl shutdown) or "SIGKILL"
+    was_leader: bool
+    at: float  # monotonic: the stop or kill was issued
+    gone: float = 0.0  # monotonic: the node's process was gone
+    back: float | None = None  # monotonic: restarted and booted
+
+
+@dataclass
+class Failovers:
+    """Two failures mid-load: the grants queue's leader stopped, later another node SIGKILLed;
+    each restarted ``downtime`` s after. ``spared``: the node of the soak's own connection (its
+    no-ack dead-letter reader and its census are not what is under test)."""
+
+    queue: str
+    spared: int
+    fail_at: tuple[float, float]
+    deadline: float = 600.0
+    downtime: float = 5.0
+    failures: list[Failure] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+    error: str | None = None
+    busy: bool = False  # a node is being stopped, killed or restarted: let that finish
+
+    def start(self, progress: Callable[[], float]) -> None:
+        self.task = asyncio.create_task(self._run(progress))
+
+    async def _run(self, progress: Callable[[], float]) -> None:
+        try:
+            await self._until(progress, self.fail_at[0])
+            leader = await self._leader()
+            await self._fail(leader, "stop-node", leader)
+            await self._until(progress, self.fail_at[1])
+            leader = await self._leader()
+            first = self.failures[0].node
+            second = (
+                leader
+                if leader not in (first, self.spared)
+                else next(n for n in (1, 2, 3) if n not in (first, self.spared))
+            )
+            await self._fail(second, "kill-node", leader)
+        except Exception as exc:  # told in the report; the soak's accounting goes on
+            self.error = f"{type(exc).__name__}: {exc}"
+            print(f"failovers stopped: {self.error}", file=sys.stderr)
+
+    async def _until(self, progress: Callable[[], float], share: float) -> None:
+        for _ in range(round(self.deadline * 4)):  # the soak's deadline cancels us anyway
+            if progress() >= share:
+                return
+            await asyncio.sleep(0.25)
+        raise TimeoutError(f"{share:.0%} never accounted for")
+
+    async def _leader(self) -> int:
+        name = await cluster("leader", self.queue)  # ikw2@localhost
+        return int(name.partition("@")[0].removeprefix("ikw"))
+
+    async def _fail(self, node: int, command: str, leader: int) -> None:
+        how = "stopped" if command == "stop-node" else "SIGKILL"
+        self.busy = True
+        failure = Failure(node, how, node == leader, time.monotonic())
+        self.failures.append(failure)
+        print(f"failover: ikw{node} {how} (leader ikw{leader})", file=sys.stderr)
+        await cluster(command, str(node))
+        failure.gone = time.monotonic()
+        await asyncio.sleep(self.downtime)
+        await cluster("start-node", str(node))
+        failure.back = time.monotonic()
+        self.busy = False
+        print(f"failover: ikw{node} back after {failure.back - failure.at:.1f} s", file=sys.stderr)
+
+    async def stop(self) -> None:
+        """Cancel what is pending and bring back any node left down."""
+        if self.task is not None:
+            if self.busy:  # bounded: each bench/cluster call has its timeout
+                await asyncio.gather(self.task, return_exceptions=True)
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        for failure in self.failures:
+            if failure.back is None:
+                with contextlib.suppress(Exception):
+                    await cluster("start-node", str(failure.node))
+                    failure.back = time.monotonic()
+
+
+def send_times(sandbox: Sandbox) -> list[float]:
+    times = list(getattr(sandbox.twilio.outbox, "times", []))
+    times += getattr(sandbox.smtp.messages, "times", [])
+    return sorted(times)
+
+
+def pause_at(times: list[float], at: float, within: float = 30.0) -> tuple[float, float]:
+    """(longest gap between consecutive sends that ends after ``at`` and starts before
+    ``at + within``, longest gap in the ``within`` s before ``at``): the pause, and the normal."""
+    gaps = list(itertools.pairwise(times))
+    during = [b - a for a, b in gaps if b > at and a < at + within]
+    before = [b - a for a, b in gaps if at - within <= a and b <= at]
+    return max(during, default=float("nan")), max(before, default=float("nan"))
+
+
+def consumers_back(samples: list[tuple[float, int | None]], at: float, workers: int) -> str:
+    """How far the grants queue's consumer count fell after ``at``, and when all were back."""
+    after = [(t, n) for t, n in samples if t >= at and n is not None]
+    dip = next((i for i, (_, n) in enumerate(after) if n < workers), None)
+    if dip is None:
+        return f"never below {workers} in the looks (every 0.25 s)"
+    back = next((t for t, n in after[dip:] if n >= workers), None)
+    low = min(n for t, n in after[dip:] if back is None or t <= back)
+    shown = f"all back {back - at:.1f} s after" if back is not None else "not all back"
+    return f"{workers} -> {low} -> {workers} consumers, {shown}"
+
+
+def failover_rows(o: "Outcome") -> list[tuple[str, object]]:
+    f = o.failovers
+    if f is None:
+        return []
+    times = send_times(o.sandbox)
+    rows: list[tuple[str, object]] = []
+    for number, failure in enumerate(f.failures, 1):
+        pause, normal = pause_at(times, failure.at)
+        lead = "the grants leader" if failure.was_leader else "not the grants leader"
+        back = f"back {failure.back - failure.at:.1f} s after" if failure.back else "not back"
+        rows.append(
+            (
+                f"failover {number}",
+                f"ikw{failure.node} ({lead}) {failure.how} at "
+                f"{failure.at - o.published_at:.1f} s after the first publish, gone in "
+                f"{failure.gone - failure.at:.1f} s, {back}",
+            )
+        )
+        rows.append(
+            (
+                f"  consumption paused {number}",
+                f"{pause:.2f} s (longest gap between sends; the 30 s before: {normal:.2f} s)",
+            )
+        )
+        rows.append(
+            (f"  consumers {number}", consumers_back(o.watch.samples, failure.at, o.args.workers))
+        )
+    if f.error or len(f.failures) < 2:
+        rows.append(("failovers incomplete", f.error or f"{len(f.failures)} of 2 made"))
+    return rows
+
+
 # -------------------------------------------------------------------------------- figures
 
 
@@ -331,6 +558,8 @@ class Outcome:
     exits: list[Exit]
     left: Leftovers
     logs: LogSummary
+    failovers: "Failovers | None" = None
+    published_at: float = 0.0
 
     def lost(self) -> list[Grant]:
         return self.tally.unaccounted()
@@ -347,6 +576,8 @@ def plan_rows(o: Outcome) -> list[tuple[str, object]]:
     guests = Counter(g.guest.index for g in o.grants)
     published = sum(g.copies for g in o.grants)
     cuts = f"cut every {o.args.cut_every:g} s" if o.args.cut_every > 0 else "no cuts"
+    if o.args.cluster:
+        cuts = "3-node cluster, 2 failovers, no proxy"
     return [
         ("grants (distinct events)", len(o.grants)),
         ("identities", f"{len(guests)} ({sum(1 for n in guests.values() if n > 1)} repeated)"),
@@ -426,11 +657,14 @@ def end_rows(o: Outcome) -> list[tuple[str, object]]:
 
 
 def report(o: Outcome) -> int:
-    print_figures(plan_rows(o) + delivery_rows(o) + key_rows(o) + end_rows(o))
+    print_figures(plan_rows(o) + delivery_rows(o) + key_rows(o) + end_rows(o) + failover_rows(o))
     for grant in o.lost()[:10]:
         where = "still queued" if grant.number in o.left.numbers else "in no queue"
-        print(f"not accounted for: E{grant.number:06d} {grant.event_id} ({where})", file=sys.stderr)
-    return 1 if o.lost() or o.duplicate_keys() or o.hung() else 0
+        print(
+            f"not accounted for: E{tag(grant.number)} {grant.event_id} ({where})", file=sys.stderr
+        )
+    incomplete = o.failovers is not None and (o.failovers.error or len(o.failovers.failures) < 2)
+    return 1 if o.lost() or o.duplicate_keys() or o.hung() or incomplete else 0
 
 
 # ------------------------------------------------------------------------------------ main
@@ -442,15 +676,35 @@ async def soak(args: argparse.Namespace, names: Names, log_dir: Path) -> Outcome
     rng = random.Random(seed)
     grants = make_grants(args, rng, names.namespace)
     order = publish_order(grants, rng)
-    sandbox, proxy = Sandbox(), Proxy("127.0.0.1", broker_port(AMQP_URL))
+    urls = amqp_urls(AMQP_URL)
+    sandbox, proxy = Sandbox(), Proxy("127.0.0.1", broker_port(urls[0]))
     sandbox.seam.latency = args.seam_latency / 1000
-    broker, workers = Broker(AMQP_URL, names), Workers(log_dir)
+    sandbox.twilio.outbox, sandbox.smtp.messages = StampedList(), StampedList()
+    quorum_size = 3 if args.cluster else None
+    failovers: Failovers | None = None
+    if args.cluster:
+        if len(urls) != 3:
+            raise SystemExit("--cluster: AMQP_URL must list bench/cluster's three nodes")
+        # Our own connection goes to the last node, which never fails (see Failovers).
+        broker_url = ",".join(urls[-1:] + urls[:-1])
+        spared = node_of(broker_port(urls[-1]))
+        failovers = Failovers(names.grants, spared, tuple(args.fail_at), args.deadline)
+    else:
+        broker_url = AMQP_URL
+    broker, workers = Broker(broker_url, names, quorum_size), Workers(log_dir)
     tally = Tally(grants)
     faults = Faults(sandbox, proxy, args.cut_every)
     started = time.monotonic()
+    published_at = started
     try:
         await sandbox.start()
-        await proxy.start()
+        if args.cluster:
+            # Declared through the first node, which then leads every queue of the namespace.
+            first = await connect(urls[0], f"bench {names.namespace} declare")
+            async with first:
+                await topology.declare(await first.channel(), names, quorum_size=quorum_size)
+        else:
+            await proxy.start()
         await broker.open()
         assert broker.channel is not None and broker.connection is not None
         extra = {
@@ -458,19 +712,25 @@ async def soak(args: argparse.Namespace, names: Names, log_dir: Path) -> Outcome
             "IKW_MAX_ATTEMPTS": str(args.max_attempts),
             "IKW_MAX_RETRY_AGE": "1d",
         }
-        amqp = with_port(AMQP_URL, proxy.port)
+        if quorum_size:
+            extra["IKW_QUORUM_SIZE"] = str(quorum_size)
+        amqp = AMQP_URL if args.cluster else with_port(AMQP_URL, proxy.port)
         await workers.start(args.workers, worker_env(sandbox.env(), amqp, names, extra))
         await workers.wait_ready(broker.channel, names.grants, timeout=60)
         dead_channel = await broker.connection.channel()
         dead_queue = await dead_channel.get_queue(names.dead)
         await dead_queue.consume(tally.on_dead_message, no_ack=True)
         faults.start(args.seam_503, args.twilio_429)
-        publish_started = time.monotonic()
+        published_at = time.monotonic()
         await broker.publish_grants((g.event_id, g.body()) for g in order)
-        print(
-            f"published {len(order)} in {time.monotonic() - publish_started:.1f} s", file=sys.stderr
-        )
+        print(f"published {len(order)} in {time.monotonic() - published_at:.1f} s", file=sys.stderr)
+        if failovers is not None:
+            failovers.start(lambda: 1 - len(tally.unaccounted()) / len(grants))
         watch = await wait_accounted(tally, sandbox, workers, faults, broker, args.deadline)
+        if failovers is not None and failovers.task is not None and len(failovers.failures) < 2:
+            print("all accounted for before the second failover", file=sys.stderr)
+        if failovers is not None:
+            await failovers.stop()
         await faults.stop()
         await asyncio.sleep(args.settle)
         exits = await workers.stop()
@@ -479,10 +739,13 @@ async def soak(args: argparse.Namespace, names: Names, log_dir: Path) -> Outcome
         tally.scan(sandbox)
         left = await census(broker.channel, names, tally)
     finally:
+        if failovers is not None:
+            await failovers.stop()
         await faults.stop()
         await workers.stop()
         await broker.close()
-        await proxy.stop()
+        if not args.cluster:
+            await proxy.stop()
         await sandbox.stop()
     return Outcome(
         args,
@@ -495,6 +758,8 @@ async def soak(args: argparse.Namespace, names: Names, log_dir: Path) -> Outcome
         exits,
         left,
         workers.log_summary(),
+        failovers,
+        published_at,
     )
 
 

@@ -431,7 +431,7 @@ async def _topology(
         return FAILED if missing else OK
     if args.delete:
         return await _delete(args, connection, names)
-    await topology.declare(channel, names)
+    await topology.declare(channel, names, quorum_size=config.broker_settings().quorum_size)
     print(topology.describe(names))
     return OK
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 # Every variable the reader below uses, for `ikw run --help`: add a row when you read a new one.
 VARIABLES: tuple[tuple[str, str], ...] = (
-    ("AMQP_URL", "RabbitMQ URL (default amqp://guest:guest@localhost:5672/)"),
+    ("AMQP_URL", "RabbitMQ URL, or a cluster's: URLs (or host:port) separated by commas"),
     ("IKW_NAMESPACE", "prefix of every exchange and queue (default instant_keys)"),
     ("IKW_PREFETCH", "messages handled at once (default 32)"),
     ("SEAM_ENDPOINT", "Seam API (default https://connect.getseam.com)"),
@@ -43,6 +43,7 @@ VARIABLES: tuple[tuple[str, str], ...] = (
     ("IKW_TEMPLATES_DIR", "the guest's words: <locale>/sms.txt, email_subject.txt, email.txt, ..."),
     ("IKW_TIME_ZONE", "IANA zone of the times guests read, unless the event has one (UTC)"),
     ("IKW_PROPERTY_NAME", "the property's name, unless the event has one"),
+    ("IKW_QUORUM_SIZE", "replicas of each new quorum queue and stream (default: the broker's)"),
 )
 
 
@@ -97,11 +98,31 @@ class Settings:
     templates_dir: Path | None = None
     time_zone: str = "UTC"
     property_name: str | None = None
+    quorum_size: int | None = None  # None: the broker's default
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        return amqp_urls(self.amqp_url)
 
     @property
     def broker_user(self) -> str:
         """The user the broker knows the worker as: what it puts in every message's user_id."""
-        return unquote(urlsplit(self.amqp_url).username or "guest")
+        return unquote(urlsplit(self.amqp_urls[0]).username or "guest")
+
+
+def amqp_urls(value: str) -> list[str]:
+    """The addresses in AMQP_URL, in the order they are tried: URLs separated by commas; an
+    entry without ``://`` (``host:port``) takes scheme, user, password, vhost and options from
+    the first URL: ``amqp://u:p@10.0.0.1:5672/,10.0.0.2:5672,10.0.0.3:5672``."""
+    entries = [entry.strip() for entry in value.split(",")]
+    first = urlsplit(entries[0])
+    auth = first.netloc.rpartition("@")[0]
+    return [entries[0]] + [
+        entry
+        if "://" in entry
+        else first._replace(netloc=f"{auth}@{entry}" if auth else entry).geturl()
+        for entry in entries[1:]
+    ]
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -190,7 +211,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     """Read and check every setting; raise ConfigError listing every problem."""
     r = _Reader(os.environ if env is None else env)
     settings = Settings(
-        amqp_url=r.url("AMQP_URL", Settings.amqp_url, ("amqp", "amqps")),
+        amqp_url=_amqp_url(r),
         namespace=_namespace(r),
         prefetch=r.integer("IKW_PREFETCH", Settings.prefetch, 1, 10_000),
         seam_endpoint=r.url("SEAM_ENDPOINT", Settings.seam_endpoint, ("http", "https")),
@@ -208,6 +229,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         declare=r.flag("IKW_DECLARE", Settings.declare),
         log_level=(r.text("IKW_LOG_LEVEL") or Settings.log_level).lower(),
         **guest_text(r),
+        quorum_size=r.integer("IKW_QUORUM_SIZE", 0, 1, 99) or None,
     )
     if settings.log_level not in LOG_LEVELS:
         r.problems.append(
@@ -267,6 +289,38 @@ def guest_text(r: "_Reader") -> dict[str, Any]:
         except OSError as exc:
             r.problems.append(f"IKW_TEMPLATES_DIR: cannot read {directory}: {exc.strerror}")
     return found
+
+
+def _amqp_url(r: _Reader) -> str:
+    """Every address checked, one line for the first bad one; the password is never shown."""
+    raw = r.text("AMQP_URL", Settings.amqp_url) or Settings.amqp_url
+    urls = amqp_urls(raw)
+    for number, url in enumerate(urls, 1):
+        which = f"AMQP_URL: address {number} of {len(urls)}:" if len(urls) > 1 else "AMQP_URL:"
+        parts = urlsplit(url)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            r.problems.append(
+                f"{which} must be a amqp or amqps URL with a host (or host:port after the "
+                f"first), got {parts.scheme + '://…' if parts.scheme else '…'!r}"
+            )
+            return raw
+        try:
+            port_ok = parts.port is None or 1 <= parts.port <= 65535
+        except ValueError:
+            port_ok = False
+        if not port_ok:
+            raw_port = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
+            r.problems.append(
+                f"{which} the port must be a number from 1 to 65535, got {raw_port[:20]!r}"
+            )
+            return raw
+        if parts.username != urlsplit(urls[0]).username:
+            r.problems.append(
+                f"{which} names another user than the first; every address must use "
+                "the same user (the worker puts it in each message's user_id)"
+            )
+            return raw
+    return ",".join(url.rstrip("/") for url in urls)
 
 
 _USER = re.compile(r"[^\s,:]{1,128}")
@@ -370,19 +424,8 @@ def _transport(r: _Reader, settings: Settings) -> None:
     IKW_ALLOW_INSECURE says so."""
     if r.flag("IKW_ALLOW_INSECURE", False):
         return
-    amqp = urlsplit(settings.amqp_url)
-    if not _loopback(amqp.hostname):
-        if amqp.scheme == "amqp":
-            r.problems.append(
-                f"AMQP_URL: plaintext amqp:// to a host that is not loopback; use amqps:// "
-                f"{_INSECURE_HINT}"
-            )
-        verify = parse_qs(amqp.query, keep_blank_values=True).get("no_verify_ssl", [])
-        if amqp.scheme == "amqps" and any(value != "0" for value in verify):
-            r.problems.append(
-                f"AMQP_URL: no_verify_ssl turns off the broker's certificate check; drop it "
-                f"(cafile= names a private CA) {_INSECURE_HINT}"
-            )
+    for url in settings.amqp_urls:
+        _amqp_transport(r, urlsplit(url))
     urls = {"SEAM_ENDPOINT": settings.seam_endpoint}
     if settings.sms:
         urls["TWILIO_API_URL"] = settings.sms.api_url
@@ -399,6 +442,24 @@ def _transport(r: _Reader, settings: Settings) -> None:
             f"SMTP_PASSWORD: would be sent in clear (SMTP_TLS is none and SMTP_HOST is not "
             f"loopback); use SMTP_TLS=starttls or tls {_INSECURE_HINT}"
         )
+
+
+def _amqp_transport(r: _Reader, amqp: SplitResult) -> None:
+    if not amqp.hostname or _loopback(amqp.hostname):  # no host: already told
+        return
+    problems = []
+    if amqp.scheme == "amqp":
+        problems.append(
+            f"AMQP_URL: plaintext amqp:// to a host that is not loopback; use amqps:// "
+            f"{_INSECURE_HINT}"
+        )
+    verify = parse_qs(amqp.query, keep_blank_values=True).get("no_verify_ssl", [])
+    if amqp.scheme == "amqps" and any(value != "0" for value in verify):
+        problems.append(
+            f"AMQP_URL: no_verify_ssl turns off the broker's certificate check; drop it "
+            f"(cafile= names a private CA) {_INSECURE_HINT}"
+        )
+    r.problems.extend(p for p in problems if p not in r.problems)  # once for all addresses
 
 
 def _loopback(host: str | None) -> bool:
@@ -425,7 +486,9 @@ def broker_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Only what the broker commands (publish, topology, dlq) need."""
     r = _Reader(os.environ if env is None else env)
     settings = Settings(
-        amqp_url=r.url("AMQP_URL", Settings.amqp_url, ("amqp", "amqps")), namespace=_namespace(r)
+        amqp_url=_amqp_url(r),
+        namespace=_namespace(r),
+        quorum_size=r.integer("IKW_QUORUM_SIZE", 0, 1, 99) or None,
     )
     _transport(r, settings)
     if r.problems:

@@ -150,7 +150,9 @@ class Service:
         following = await self.connection.channel()
         self._channels = [consuming, publishing, following]
         if self.settings.declare:
-            await topology.declare(publishing, self.names, self.settings.revoke_retention)
+            await topology.declare(
+                publishing, self.names, self.settings.revoke_retention, self.settings.quorum_size
+            )
         publisher = Publisher(publishing, self.names, self.settings.broker_user, tracer=self.tracer)
         self.fence = StreamFence(self.names, publisher, self.settings.broker_user)
         await self.fence.start(following)
@@ -194,16 +196,30 @@ class Service:
 
     def _reconnected(self, *_: object) -> None:
         log.info("reconnected to RabbitMQ")
-        # Revokes recorded while we were away are read before any grant is decided.
-        if self.fence is not None and (self._catching_up is None or self._catching_up.done()):
+        # Revokes recorded while we were away are read before any grant is decided. A catch-up
+        # left over from an earlier reconnect may wait for a marker that connection lost.
+        if self.fence is not None:
+            if self._catching_up is not None:
+                self._catching_up.cancel()
             self._catching_up = asyncio.create_task(self._catch_up())
 
     async def _catch_up(self) -> None:
+        """Until the fence has caught up, trying again while the connection is up."""
         assert self.fence is not None
-        try:
-            await self.fence.catch_up()
-        except Exception as exc:
-            log.warning("could not catch up with the revocation fence (%s)", type(exc).__name__)
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                await self.fence.catch_up()
+                return
+            except Exception as exc:
+                log.warning(
+                    "could not catch up with the revocation fence (%s); trying again",
+                    type(exc).__name__,
+                )
+            try:
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            except TimeoutError:
+                delay = min(delay * 2, CHECK_BACKOFF_CAP)
 
     def _credentials_refused(self, exc: CredentialsRefused) -> None:
         if self._guard is None or self._guard.done():

@@ -1,14 +1,24 @@
 """Open the robust connection, or say in one line what is wrong: the URL, the credentials, the
-virtual host, or that RabbitMQ is not there. Never with the password."""
+virtual host, or that RabbitMQ is not there. Never with the password.
 
+AMQP_URL may name several nodes of one cluster (see ``config.amqp_urls``): every connection
+attempt, the first and each reconnect, tries them in turn, starting with the one that worked
+last; aio-pika's reconnect pause (``reconnect_interval``) comes only after a whole round failed."""
+
+import asyncio
 import logging
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustConnection
+from yarl import URL
 
+from worker.config import amqp_urls
 from worker.logs import quiet_reconnects
+
+log = logging.getLogger(__name__)
 
 # What a lost channel or connection looks like when we ack or publish.
 BROKER_ERRORS = (
@@ -18,6 +28,7 @@ BROKER_ERRORS = (
     TimeoutError,
 )
 NOT_ALLOWED = 530  # RabbitMQ closes Connection.Open with it: no such vhost, or no access to it
+CONNECT_TIMEOUT = 15.0  # seconds per address and attempt: a node that hangs is passed over
 START_ONE = (
     "start one with `rabbitmq-server -detached` or `docker run -d -p 5672:5672 rabbitmq:3.13`, "
     "or point AMQP_URL at yours"
@@ -47,7 +58,9 @@ class BadBrokerUrl(BrokerError):
 
 
 def where(url: str) -> str:
-    """host:port of ``url``, never its credentials."""
+    """host:port of ``url`` (of each address, for several), never its credentials."""
+    if "," in url:
+        return ", ".join(where(one) for one in amqp_urls(url))
     parts = urlsplit(url)
     try:
         port = parts.port
@@ -76,13 +89,56 @@ def check_url(url: str) -> None:
 
 
 def _vhost(url: str) -> str:
-    return unquote(urlsplit(url).path[1:]) or "/"
+    return unquote(urlsplit(amqp_urls(url)[0]).path[1:]) or "/"
+
+
+# Every attempt of aio-pika's reconnect loop goes through this private method of
+# RobustConnection (aio-pika 9 and 10): the one place to choose the address per attempt.
+_ATTEMPT = "_RobustConnection__connect_transport"
+if not hasattr(aio_pika.RobustConnection, _ATTEMPT):  # pragma: no cover - a new aio-pika
+    raise ImportError(f"aio_pika.RobustConnection.{_ATTEMPT} is gone: review MultiNodeConnection")
+
+
+class MultiNodeConnection(aio_pika.RobustConnection):
+    """A robust connection to the first of ``urls`` that answers. Each connection attempt (the
+    first and every reconnect) tries every address once, from the one that worked last; the
+    channels, queues and consumers are restored on whichever node took the connection."""
+
+    def __init__(self, urls: list[str], **kwargs: Any) -> None:
+        self.urls = [URL(url) for url in urls]
+        self.current = 0
+        super().__init__(self.urls[0], **kwargs)
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        attempt = getattr(super(), _ATTEMPT)
+        last: Exception | None = None
+        for step in range(len(self.urls)):
+            index = (self.current + step) % len(self.urls)
+            self.url = self.urls[index]
+            try:
+                await attempt()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                last = exc
+                if len(self.urls) > 1:
+                    log.info(
+                        "RabbitMQ at %s: %s; trying the next address",
+                        where(str(self.url)),
+                        type(exc).__name__,
+                    )
+                continue
+            if index != self.current:
+                log.warning("connected to RabbitMQ at %s instead", where(str(self.url)))
+            self.current = index
+            return
+        assert last is not None
+        raise last
 
 
 def explain(url: str, exc: BaseException) -> BrokerError:
     """The one line that says what to fix."""
-    parts = urlsplit(url)
-    user = unquote(parts.username or "guest")
+    user = unquote(urlsplit(amqp_urls(url)[0]).username or "guest")
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
         return BrokerRefused(
             f"RabbitMQ at {where(url)} refused user {user!r} (ACCESS_REFUSED): wrong user or "
@@ -107,19 +163,28 @@ def explain(url: str, exc: BaseException) -> BrokerError:
 
 
 async def connect(url: str, name: str = "instant-key-worker") -> AbstractRobustConnection:
-    check_url(url)
+    """``url``: one AMQP URL, or several separated by commas (a cluster's nodes)."""
+    urls = amqp_urls(url)
+    for one in urls:
+        check_url(one)
     quiet_reconnects()  # a routine reconnect later is not an error-level log line
     # The first connection's failure is told in our one line below, not in aiormq's too.
     aiormq_log = logging.getLogger("aiormq")
     level = aiormq_log.level
     aiormq_log.setLevel(logging.CRITICAL)
-    if "reconnect_interval" not in urlsplit(url).query:
-        # aio-pika waits 5 s between attempts; a worker that is not connected delivers nothing.
-        url += ("&" if "?" in url else "?") + "reconnect_interval=1"
+    # aio-pika waits 5 s between attempts; a worker that is not connected delivers nothing.
+    urls = [
+        one
+        if "reconnect_interval" in urlsplit(one).query
+        else f"{one}{'&' if '?' in one else '?'}reconnect_interval=1"
+        for one in urls
+    ]
     try:
-        return await aio_pika.connect_robust(
-            url, fail_fast=True, client_properties={"connection_name": name}
+        connection = MultiNodeConnection(
+            urls, fail_fast=True, client_properties={"connection_name": name}
         )
+        await connection.connect(timeout=CONNECT_TIMEOUT)
+        return connection
     except (OSError, aio_pika.exceptions.AMQPError) as exc:
         raise explain(url, exc) from None
     except ValueError:  # yarl's view of the URL; its message may hold the URL, so not shown

@@ -20,7 +20,7 @@ from worker.queues import Names
 log = logging.getLogger("worker.fence")
 
 STREAM_PREFETCH = 500  # streams need a prefetch; they are read in chunks
-CATCH_UP_TIMEOUT = 30.0  # how long a grant waits for a reconnected replica to catch up
+CATCH_UP_TIMEOUT = 10.0  # how long a marker may take to come back, and a grant to wait for it
 
 
 class StreamFence:

@@ -1,4 +1,11 @@
-"""Every exchange, queue and binding of one namespace, declared idempotently at start."""
+"""Every exchange, queue and binding of one namespace, declared idempotently at start.
+
+Replication: with ``quorum_size`` None (IKW_QUORUM_SIZE unset) the broker picks how many nodes
+hold each new quorum queue and stream (RabbitMQ 3.10 places them on every node of a three-node
+cluster, measured); a number sets ``x-quorum-initial-group-size`` and the stream's
+``x-initial-cluster-size``. RabbitMQ compares it on every declare: a namespace declared with one
+value refuses another (PRECONDITION_FAILED), so choose it before the first start; changing the
+members of existing queues is `rabbitmq-queues grow` / `shrink`, not this setting."""
 
 from datetime import timedelta
 from typing import Any
@@ -21,11 +28,15 @@ def _level_pattern(level: int, bit: str) -> str:
 
 
 def plan(
-    names: Names, revoke_retention: timedelta = REVOKE_RETENTION
+    names: Names, revoke_retention: timedelta = REVOKE_RETENTION, quorum_size: int | None = None
 ) -> list[tuple[str, str, dict[str, Any]]]:
     """The topology as (kind, name, details) rows, for declaring, printing and checking.
     An exchange's details are its type and its arguments."""
-    quorum = {"x-queue-type": "quorum"}
+    quorum: dict[str, Any] = {"x-queue-type": "quorum"}
+    replicas: dict[str, Any] = {}
+    if quorum_size is not None:
+        quorum["x-quorum-initial-group-size"] = quorum_size
+        replicas["x-initial-cluster-size"] = quorum_size
     rows: list[tuple[str, str, dict[str, Any]]] = [
         # An event no queue takes goes to the alternate exchange and is kept as a dead letter.
         ("exchange", names.exchange, {"type": "topic", "alternate-exchange": names.unroutable}),
@@ -41,6 +52,7 @@ def plan(
                 "x-queue-type": "stream",
                 "x-max-age": f"{max(1, int(revoke_retention.total_seconds()))}s",
                 "x-stream-max-segment-size-bytes": FENCE_SEGMENT_BYTES,
+                **replicas,
             },
         ),
     ]
@@ -75,11 +87,14 @@ def plan(
 
 
 async def declare(
-    channel: AbstractChannel, names: Names, revoke_retention: timedelta = REVOKE_RETENTION
+    channel: AbstractChannel,
+    names: Names,
+    revoke_retention: timedelta = REVOKE_RETENTION,
+    quorum_size: int | None = None,
 ) -> None:
     exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
     queues: dict[str, aio_pika.abc.AbstractQueue] = {}
-    rows = plan(names, revoke_retention)
+    rows = plan(names, revoke_retention, quorum_size)
     for kind, name, details in rows:
         if kind == "exchange":
             kind_of, arguments = details["type"], {k: v for k, v in details.items() if k != "type"}
