@@ -32,6 +32,7 @@ from worker.broker.decision import (
     check_event,
     check_publisher,
     decide,
+    one_line,
     producer_of,
 )
 from worker.broker.headers import Bookkeeping
@@ -309,12 +310,19 @@ class Consumer:
             "content_encoding": message.content_encoding,
         }
         try:
+            await self.publisher.ready()
+            if not _held(message):
+                return Settled.ABANDONED  # taken back while we waited: a copy would double it
             if retry is not None:
                 await self.publisher.delayed(target, message.body, retry.delay, **properties)
             else:
                 await self.publisher.to_queue(target, message.body, **properties)
-        except BROKER_ERRORS:
-            log.warning("could not publish the %s copy; leaving the message to the broker", done)
+        except BROKER_ERRORS as exc:
+            log.warning(
+                "could not publish the %s copy (%s); leaving the message to the broker",
+                done,
+                type(exc).__name__,
+            )
             return await self._give_back(message, None)
         return done if await self._ack(message) is Settled.ACKED else Settled.REDELIVERED
 
@@ -331,8 +339,9 @@ class Consumer:
         """The last resort: nack with requeue, so no message holds a prefetch slot for good."""
         if exc is not None:
             log.error(
-                "could not settle the message (%s); returning it to the broker",
+                "could not settle the message (%s: %s); returning it to the broker",
                 type(exc).__name__,
+                one_line(exc),
                 extra={"ctx": {"message_id": _printable(message.message_id)}},
             )
         try:

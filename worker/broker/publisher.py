@@ -1,5 +1,6 @@
 """Confirmed, mandatory publishes: events, delayed messages (via the delay levels), dead letters."""
 
+import asyncio
 import logging
 import math
 import uuid
@@ -7,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, HeadersType
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustChannel, HeadersType
 from opentelemetry.trace import SpanKind, Tracer
 
 from worker import tracing
@@ -19,6 +20,8 @@ log = logging.getLogger("worker.publisher")
 
 MAX_DELAY = 2**LEVELS - 1  # seconds, about 8.5 years
 CONFIRM_TIMEOUT = 15.0  # seconds to wait for the broker's confirm before calling it failed
+# After a reconnect the channels come back one by one: a publish waits this long for its own.
+RESTORE_TIMEOUT = 10.0
 
 
 def delay_routing_key(seconds: float, queue: str) -> str:
@@ -43,6 +46,12 @@ class Publisher:
         self.user_id = user_id
         self.tracer = tracer or tracing.tracer()
         self._exchanges: dict[str, AbstractExchange] = {}
+
+    async def ready(self) -> None:
+        """Until the publishing channel is open: right after a reconnect the consuming channel
+        may be back first. Raises TimeoutError when the broker stays away."""
+        if self.channel.is_closed and isinstance(self.channel, AbstractRobustChannel):
+            await asyncio.wait_for(self.channel.ready(), RESTORE_TIMEOUT)
 
     async def _exchange(self, name: str) -> AbstractExchange:
         if name not in self._exchanges:
@@ -87,6 +96,7 @@ class Publisher:
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 user_id=self.user_id,
             )
+            await self.ready()
             target = await self._exchange(exchange)
             await target.publish(message, routing_key, mandatory=True, timeout=CONFIRM_TIMEOUT)
 
