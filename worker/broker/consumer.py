@@ -337,6 +337,11 @@ class Consumer:
 
     async def _give_back(self, message: AbstractIncomingMessage, exc: Exception | None) -> Settled:
         """The last resort: nack with requeue, so no message holds a prefetch slot for good."""
+        if exc is not None and not _held(message):
+            # The connection went while settling (aiormq may say so with a bare Exception): the
+            # broker has the message back, as on any cut.
+            log.warning("settling lost with the channel; the message will be redone")
+            return Settled.REDELIVERED
         if exc is not None:
             log.error(
                 "could not settle the message (%s: %s); returning it to the broker",
