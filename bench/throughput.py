@@ -11,6 +11,7 @@ latency, worker CPU per grant, the floor and their ratio, Seam calls per grant.
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--grants", type=int, default=1000, help="grants per run (1000)")
+    parser.add_argument("--grants", type=int, default=2000, help="grants per run (2000)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (1)")
     parser.add_argument(
         "--prefetch",
@@ -68,7 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--deadline", type=float, default=120.0, help="s to wait for every SMS, per run (120)"
     )
     parser.add_argument(
-        "--floor-repeat", type=int, default=1000, help="repeats of each raw part (1000)"
+        "--rounds",
+        type=int,
+        default=2,
+        help="times to run the whole series, interleaved (2): the machine is shared, a burst "
+        "of someone else's work shows as one round differing from the other",
+    )
+    parser.add_argument(
+        "--floor-repeat", type=int, default=2000, help="repeats of each raw part (2000)"
     )
     args = parser.parse_args(argv)
     try:
@@ -284,6 +292,7 @@ async def one_run(args: argparse.Namespace, latency: float) -> tuple[Run | None,
         print(f"{args.workers} workers consuming after {ready:.1f} s", file=sys.stderr)
         run = await measure(args, sandbox, broker, workers)
         exits = await workers.stop()
+        run.total_worker_cpu = children_cpu_seconds() - cpu_before  # before floor.py, a child too
         # The floor runs alone: the workers are gone, the broker and stand-ins are the same.
         concurrency = args.prefetch or Settings.prefetch
         run.floor = await measure_floor(args, sandbox, broker, concurrency, run.body_bytes)
@@ -295,7 +304,6 @@ async def one_run(args: argparse.Namespace, latency: float) -> tuple[Run | None,
         await broker.close()
         await sandbox.stop()
     if run is not None:
-        run.total_worker_cpu = children_cpu_seconds() - cpu_before
         run.elapsed = time.monotonic() - started
     hung = [e.pid for e in exits if e.killed]
     if hung:
@@ -304,7 +312,8 @@ async def one_run(args: argparse.Namespace, latency: float) -> tuple[Run | None,
 
 
 def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
-    base = next((run.steady_rate() for latency, run in runs if latency == 0), None)
+    zero = [run.steady_rate() for latency, run in runs if latency == 0]
+    base = statistics.median(zero) if zero else None
     rows = []
     for latency, run in runs:
         steady = run.steady_rate()
@@ -348,7 +357,32 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
         rows,
     )
     parts = " + ".join(f"{w} {p}" for p, w in WEIGHTS.items())
-    print(f"floor = {parts}; ratio = worker CPU per grant / floor")
+    print(
+        f"floor = {parts}; ratio = worker CPU per grant / floor; of 0 ms = steady rate / "
+        "median steady rate at 0 ms"
+    )
+    print()
+    print(f"median of {args.rounds} round(s) by latency")
+    summary = []
+    for latency in args.latencies:
+        these = [run for at, run in runs if at == latency]
+        if not these:
+            continue
+        steady = statistics.median(run.steady_rate() for run in these)
+        per_grant = statistics.median(run.worker_cpu / args.grants for run in these)
+        floor = statistics.median(run.floor_per_grant() for run in these)
+        summary.append(
+            [
+                f"{latency:g}",
+                f"{steady:.0f}",
+                f"{steady / base:.0%}" if base else "-",
+                f"{per_grant * 1000:.2f}",
+                f"{floor * 1000:.2f}",
+                f"{per_grant / floor:.2f}",
+            ]
+        )
+    print_table(["seam ms", "steady/s", "of 0 ms", "CPU/grant ms", "floor ms", "ratio"], summary)
+    print()
     print_table(
         ["seam ms", *(f"{p} ms" for p in WEIGHTS)],
         [
@@ -361,7 +395,7 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
 async def main(args: argparse.Namespace) -> int:
     runs: list[tuple[float, Run]] = []
     failed = False
-    for latency in args.latencies:
+    for latency in [at for _ in range(args.rounds) for at in args.latencies]:
         run, hung = await one_run(args, latency)
         failed = failed or hung or run is None
         if run is not None:
