@@ -39,6 +39,7 @@ from harness import (
 )
 
 from worker.config import Settings
+from worker.events import ANNOUNCEMENTS
 from worker.sandbox import wait_for
 from worker.sandbox.all import SMS_FROM, Sandbox
 
@@ -74,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2,
         help="times to run the whole series, interleaved (2): the machine is shared, a burst "
         "of someone else's work shows as one round differing from the other",
+    )
+    parser.add_argument(
+        "--no-listener",
+        dest="listener",
+        action="store_false",
+        help="bind no booking-system queue to the outcome events: they then fall to the "
+        "unroutable queue and the worker consumes them back (one more message per grant)",
     )
     parser.add_argument(
         "--floor-repeat", type=int, default=2000, help="repeats of each raw part (2000)"
@@ -148,6 +156,18 @@ def first_sms_times(outbox: StampedList) -> dict[str, float]:
     for entry, at in zip(outbox, outbox.times, strict=True):
         first.setdefault(entry["to"], at)
     return first
+
+
+async def listen_to_outcomes(broker: Broker) -> None:
+    """A booking system's queue on the outcome events, as production has one: without it each
+    grant's ``access.delivered`` falls to the alternate exchange and the worker consumes it back
+    (outcome ``unheard``). It keeps nothing (x-max-length 0) and goes with our connection."""
+    assert broker.channel is not None
+    queue = await broker.channel.declare_queue(
+        f"{broker.names.namespace}.bench_outcomes", exclusive=True, arguments={"x-max-length": 0}
+    )
+    for key in ANNOUNCEMENTS:
+        await queue.bind(broker.names.exchange, key)
 
 
 async def measure(
@@ -285,6 +305,8 @@ async def one_run(args: argparse.Namespace, latency: float) -> tuple[Run | None,
     exits: list[Exit] = []
     try:
         await broker.open()
+        if args.listener:
+            await listen_to_outcomes(broker)
         extra = {"IKW_PREFETCH": str(args.prefetch)} if args.prefetch else {}
         await workers.start(args.workers, worker_env(sandbox.env(), AMQP_URL, names, extra))
         assert broker.channel is not None
@@ -336,9 +358,10 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
             ]
         )
     prefetch = args.prefetch or f"{Settings.prefetch} (default)"
+    listening = "a listener on the outcome events" if args.listener else "no outcome listener"
     print(
         f"{args.grants} grants per run (new guests, SMS), {args.workers} worker(s), "
-        f"IKW_PREFETCH {prefetch}"
+        f"IKW_PREFETCH {prefetch}, {listening}"
     )
     print_table(
         [
