@@ -72,8 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=2,
-        help="times to run the whole series, interleaved (2): the machine is shared, a burst "
+        default=3,
+        help="times to run the whole series, interleaved (3): the machine is shared, a burst "
         "of someone else's work shows as one round differing from the other",
     )
     parser.add_argument(
