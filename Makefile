@@ -34,8 +34,8 @@ lint: install
 schemas: install  ## re-export schemas/ from the models
 	$(BIN)/ikw schema --out schemas
 
-bench: install  ## throughput and latency against the stand-ins
-	$(BIN)/python bench/throughput.py
+bench: install  ## one worker on default settings at 0, 50 and 200 ms per Seam call, against the floor
+	$(BIN)/python bench/throughput.py --latencies 0,50,200
 
 soak: install  ## fault soak: lost and duplicate keys must print 0
 	$(BIN)/python bench/soak.py

@@ -336,3 +336,20 @@ def print_figures(rows: list[tuple[str, object]]) -> None:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     sys.stdout.flush()
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A plain-text table, columns right-aligned (the first left-aligned)."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first, *rest = cells
+        return "  ".join(
+            [first.ljust(widths[0]), *(c.rjust(w) for c, w in zip(rest, widths[1:], strict=True))]
+        )
+
+    print(line(header))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line(row))
+    sys.stdout.flush()

@@ -1,12 +1,17 @@
-"""Throughput and latency of `ikw run` workers against the in-process stand-ins.
+"""Throughput and latency of `ikw run` workers against the in-process stand-ins, and their CPU
+per grant against the floor measured in the same run.
 
-Publishes N grants for distinct identities (SMS only, one phone number each), waits until every
-phone number has its SMS in the Twilio stand-in's outbox, and prints grants/s, publish-to-SMS
-latency, Seam calls per grant and the CPU the processes used.
+For each Seam latency in ``--latencies`` (a fresh namespace and stand-ins each time): publishes N
+grants for distinct identities (SMS only, one phone number each), waits until every phone number
+has its SMS in the Twilio stand-in's outbox, then runs ``floor.py`` against the same broker and
+stand-ins. Prints the figures of each run, then one table: grants/s, the share of the 0 ms rate,
+latency, worker CPU per grant, the floor and their ratio, Seam calls per grant.
 """
 
 import argparse
 import asyncio
+import json
+import statistics
 import sys
 import tempfile
 import time
@@ -14,10 +19,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from floor import WEIGHTS
 from harness import (
     AMQP_URL,
     Broker,
     CpuMeter,
+    Exit,
     StampedList,
     Workers,
     broker_pids,
@@ -26,31 +33,65 @@ from harness import (
     new_names,
     percentile,
     print_figures,
+    print_table,
     self_cpu_seconds,
     worker_env,
 )
 
+from worker.config import Settings
+from worker.events import ANNOUNCEMENTS
 from worker.sandbox import wait_for
-from worker.sandbox.all import Sandbox
+from worker.sandbox.all import SMS_FROM, Sandbox
+
+FLOOR = Path(__file__).with_name("floor.py")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--grants", type=int, default=1000, help="grants to publish (1000)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (2)")
-    parser.add_argument("--prefetch", type=int, default=32, help="IKW_PREFETCH per worker (32)")
+    parser.add_argument("--grants", type=int, default=2000, help="grants per run (2000)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (1)")
     parser.add_argument(
-        "--seam-latency", type=float, default=50.0, help="ms added to each Seam call (50)"
+        "--prefetch",
+        type=int,
+        default=None,
+        help=f"IKW_PREFETCH per worker (unset: the worker's default, {Settings.prefetch})",
+    )
+    parser.add_argument(
+        "--latencies",
+        default="0,50,200",
+        help="ms added to each Seam call, one run each, comma-separated (0,50,200)",
     )
     parser.add_argument(
         "--rate", type=float, default=0.0, help="publish at this many grants/s (0: all at once)"
     )
     parser.add_argument(
-        "--deadline", type=float, default=120.0, help="s to wait for every SMS (120)"
+        "--deadline", type=float, default=120.0, help="s to wait for every SMS, per run (120)"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times to run the whole series, interleaved (3): the machine is shared, a burst "
+        "of someone else's work shows as one round differing from the other",
+    )
+    parser.add_argument(
+        "--no-listener",
+        dest="listener",
+        action="store_false",
+        help="bind no booking-system queue to the outcome events: they then fall to the "
+        "unroutable queue and the worker consumes them back (one more message per grant)",
+    )
+    parser.add_argument(
+        "--floor-repeat", type=int, default=2000, help="repeats of each raw part (2000)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        args.latencies = [float(ms) for ms in str(args.latencies).split(",") if ms.strip()]
+    except ValueError:
+        parser.error(f"--latencies: comma-separated milliseconds, got {args.latencies!r}")
+    return args
 
 
 @dataclass
@@ -66,6 +107,28 @@ class Run:
     worker_cpu: float
     self_cpu: float
     broker_cpu: float
+    body_bytes: int
+    floor: dict[str, float] | None = None  # CPU seconds per op of each raw part
+    total_worker_cpu: float = 0.0
+    sms: int = 0
+    elapsed: float = 0.0
+
+    def rate(self, grants: int) -> float:
+        """First publish to last SMS: filling and draining the pipeline included."""
+        return grants / (max(self.delivered_at.values()) - self.first_publish)
+
+    def steady_rate(self) -> float:
+        """SMS per second between the 10th and the 90th percentile of SMS times: the rate once
+        the worker is full, without the first and last grants' latency (one Seam latency per
+        call of a grant, which a short run at 200 ms would otherwise count against it)."""
+        times = sorted(self.delivered_at.values())
+        low, high = round(0.1 * (len(times) - 1)), round(0.9 * (len(times) - 1))
+        return (high - low) / (times[high] - times[low]) if high > low else float("nan")
+
+    def floor_per_grant(self) -> float:
+        """CPU seconds of the raw parts one grant needs, weighted as floor.WEIGHTS."""
+        assert self.floor is not None
+        return sum(self.floor[part] * weight for part, weight in WEIGHTS.items())
 
 
 def phone(index: int) -> str:
@@ -95,6 +158,18 @@ def first_sms_times(outbox: StampedList) -> dict[str, float]:
     return first
 
 
+async def listen_to_outcomes(broker: Broker) -> None:
+    """A booking system's queue on the outcome events, as production has one: without it each
+    grant's ``access.delivered`` falls to the alternate exchange and the worker consumes it back
+    (outcome ``unheard``). It keeps nothing (x-max-length 0) and goes with our connection."""
+    assert broker.channel is not None
+    queue = await broker.channel.declare_queue(
+        f"{broker.names.namespace}.bench_outcomes", exclusive=True, arguments={"x-max-length": 0}
+    )
+    for key in ANNOUNCEMENTS:
+        await queue.bind(broker.names.exchange, key)
+
+
 async def measure(
     args: argparse.Namespace, sandbox: Sandbox, broker: Broker, workers: Workers
 ) -> Run:
@@ -117,6 +192,7 @@ async def measure(
 
     await wait_for(all_sent, args.deadline, f"{args.grants} SMS")
     worker_cpu, broker_cpu = (meter.stop() for meter in meters)
+    sms = len(outbox)
     return Run(
         published_at=dict(zip(phones, started, strict=True)),
         delivered_at=first_sms_times(outbox),
@@ -127,23 +203,58 @@ async def measure(
         worker_cpu=worker_cpu,
         self_cpu=self_cpu_seconds() - self_before,
         broker_cpu=broker_cpu,
+        body_bytes=max(len(body) for _, body in events),
+        sms=sms,
     )
 
 
-def report(
-    args: argparse.Namespace, run: Run, total_worker_cpu: float, sms: int, elapsed: float
-) -> None:
+async def measure_floor(
+    args: argparse.Namespace, sandbox: Sandbox, broker: Broker, concurrency: int, body_bytes: int
+) -> dict[str, float]:
+    """``floor.py`` in its own process, against the same broker and stand-ins."""
+    env = sandbox.env()
+    command = [
+        sys.executable,
+        str(FLOOR),
+        f"--amqp-url={AMQP_URL}",
+        f"--queue={broker.names.namespace}.floor",
+        f"--seam-url={env['SEAM_ENDPOINT']}",
+        f"--seam-key={env['SEAM_API_KEY']}",
+        f"--twilio-url={env['TWILIO_API_URL']}",
+        f"--twilio-sid={env['TWILIO_ACCOUNT_SID']}",
+        f"--twilio-token={env['TWILIO_AUTH_TOKEN']}",
+        f"--twilio-from={SMS_FROM}",
+        f"--repeat={args.floor_repeat}",
+        f"--concurrency={concurrency}",
+        f"--body-bytes={body_bytes}",
+    ]
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), args.deadline)
+    if process.returncode != 0:
+        raise RuntimeError(f"floor.py exited with {process.returncode}")
+    parts = json.loads(out)
+    assert isinstance(parts, dict)
+    return {str(k): float(v) for k, v in parts.items()}
+
+
+def report(args: argparse.Namespace, latency: float, run: Run) -> None:
     latencies = [(run.delivered_at[p] - run.published_at[p]) * 1000 for p in run.published_at]
     span = max(run.delivered_at.values()) - run.first_publish
+    prefetch = args.prefetch or f"{Settings.prefetch} (default)"
+    total_worker_cpu, sms, elapsed = run.total_worker_cpu, run.sms, run.elapsed
+    floor = run.floor or {}
     print_figures(
         [
             ("grants", args.grants),
-            ("workers x prefetch", f"{args.workers} x {args.prefetch}"),
-            ("seam latency added", f"{args.seam_latency:g} ms"),
+            ("workers x prefetch", f"{args.workers} x {prefetch}"),
+            ("seam latency added", f"{latency:g} ms"),
             ("publish rate", f"{args.rate:g} grants/s" if args.rate else "all at once"),
             ("publish time", f"{run.last_publish - run.first_publish:.2f} s"),
             ("first publish to last SMS", f"{span:.2f} s"),
             ("throughput", f"{args.grants / span:.1f} grants/s"),
+            ("throughput, steady (10th-90th SMS)", f"{run.steady_rate():.1f} grants/s"),
             ("latency p50", f"{percentile(latencies, 0.50):.0f} ms"),
             ("latency p95", f"{percentile(latencies, 0.95):.0f} ms"),
             ("latency p99", f"{percentile(latencies, 0.99):.0f} ms"),
@@ -158,40 +269,164 @@ def report(
             ("RabbitMQ CPU during run", f"{run.broker_cpu:.2f} s"),
             ("elapsed, start and stop included", f"{elapsed:.1f} s"),
         ]
+        + [
+            (f"floor: {part} CPU", f"{floor[part] * 1000:.3f} ms x {weight}")
+            for part, weight in WEIGHTS.items()
+            if part in floor
+        ]
+        + (
+            [
+                ("floor per grant", f"{run.floor_per_grant() * 1000:.2f} ms"),
+                (
+                    "worker CPU per grant / floor",
+                    f"{run.worker_cpu / args.grants / run.floor_per_grant():.2f}",
+                ),
+            ]
+            if all(part in floor for part in WEIGHTS)
+            else []
+        )
     )
+    print()
 
 
-async def main(args: argparse.Namespace) -> int:
+async def one_run(args: argparse.Namespace, latency: float) -> tuple[Run | None, bool]:
+    """One worker run at ``latency`` ms per Seam call, then the floor; (run or None, hung)."""
     started = time.monotonic()
     names = new_names("ikw_bench")
     log_dir = Path(tempfile.mkdtemp(prefix=f"{names.namespace}-"))
-    print(f"namespace {names.namespace}, worker logs in {log_dir}", file=sys.stderr)
+    print(f"{latency:g} ms: namespace {names.namespace}, logs in {log_dir}", file=sys.stderr)
     sandbox = Sandbox()
     await sandbox.start()
-    sandbox.seam.latency = args.seam_latency / 1000
+    sandbox.seam.latency = latency / 1000
     broker = Broker(AMQP_URL, names)
     workers = Workers(log_dir)
+    cpu_before = children_cpu_seconds()
+    run: Run | None = None
+    exits: list[Exit] = []
     try:
         await broker.open()
-        extra = {"IKW_PREFETCH": str(args.prefetch)}
+        if args.listener:
+            await listen_to_outcomes(broker)
+        extra = {"IKW_PREFETCH": str(args.prefetch)} if args.prefetch else {}
         await workers.start(args.workers, worker_env(sandbox.env(), AMQP_URL, names, extra))
         assert broker.channel is not None
         ready = await workers.wait_ready(broker.channel, names.grants, timeout=60)
         print(f"{args.workers} workers consuming after {ready:.1f} s", file=sys.stderr)
         run = await measure(args, sandbox, broker, workers)
-    except TimeoutError as exc:
-        print(f"throughput: {exc}; worker logs in {log_dir}", file=sys.stderr)
-        return 1
-    finally:
         exits = await workers.stop()
+        run.total_worker_cpu = children_cpu_seconds() - cpu_before  # before floor.py, a child too
+        # The floor runs alone: the workers are gone, the broker and stand-ins are the same.
+        concurrency = args.prefetch or Settings.prefetch
+        run.floor = await measure_floor(args, sandbox, broker, concurrency, run.body_bytes)
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"throughput: {exc}; worker logs in {log_dir}", file=sys.stderr)
+        run = None
+    finally:
+        exits = exits or await workers.stop()
         await broker.close()
         await sandbox.stop()
-    elapsed = time.monotonic() - started
-    report(args, run, children_cpu_seconds(), len(sandbox.twilio.outbox), elapsed)
+    if run is not None:
+        run.elapsed = time.monotonic() - started
     hung = [e.pid for e in exits if e.killed]
     if hung:
         print(f"workers {hung} did not stop on SIGTERM within 30 s: killed", file=sys.stderr)
-    return 1 if hung else 0
+    return run, bool(hung)
+
+
+def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
+    zero = [run.steady_rate() for latency, run in runs if latency == 0]
+    base = statistics.median(zero) if zero else None
+    rows = []
+    for latency, run in runs:
+        steady = run.steady_rate()
+        latencies = [(run.delivered_at[p] - run.published_at[p]) * 1000 for p in run.published_at]
+        per_grant = run.worker_cpu / args.grants
+        floor = run.floor_per_grant()
+        rows.append(
+            [
+                f"{latency:g}",
+                f"{run.rate(args.grants):.0f}",
+                f"{steady:.0f}",
+                f"{steady / base:.0%}" if base else "-",
+                f"{percentile(latencies, 0.50):.0f}",
+                f"{percentile(latencies, 0.99):.0f}",
+                f"{per_grant * 1000:.2f}",
+                f"{floor * 1000:.2f}",
+                f"{per_grant / floor:.2f}",
+                f"{run.seam_calls / args.grants:.2f}",
+                f"{run.sms - args.grants}",
+            ]
+        )
+    prefetch = args.prefetch or f"{Settings.prefetch} (default)"
+    listening = "a listener on the outcome events" if args.listener else "no outcome listener"
+    print(
+        f"{args.grants} grants per run (new guests, SMS), {args.workers} worker(s), "
+        f"IKW_PREFETCH {prefetch}, {listening}"
+    )
+    print_table(
+        [
+            "seam ms",
+            "grants/s",
+            "steady/s",
+            "of 0 ms",
+            "p50 ms",
+            "p99 ms",
+            "CPU/grant ms",
+            "floor ms",
+            "ratio",
+            "seam calls",
+            "dup SMS",
+        ],
+        rows,
+    )
+    parts = " + ".join(f"{w} {p}" for p, w in WEIGHTS.items())
+    print(
+        f"floor = {parts}; ratio = worker CPU per grant / floor; of 0 ms = steady rate / "
+        "median steady rate at 0 ms"
+    )
+    print()
+    print(f"median of {args.rounds} round(s) by latency")
+    summary = []
+    for latency in args.latencies:
+        these = [run for at, run in runs if at == latency]
+        if not these:
+            continue
+        steady = statistics.median(run.steady_rate() for run in these)
+        per_grant = statistics.median(run.worker_cpu / args.grants for run in these)
+        floor = statistics.median(run.floor_per_grant() for run in these)
+        summary.append(
+            [
+                f"{latency:g}",
+                f"{steady:.0f}",
+                f"{steady / base:.0%}" if base else "-",
+                f"{per_grant * 1000:.2f}",
+                f"{floor * 1000:.2f}",
+                f"{per_grant / floor:.2f}",
+            ]
+        )
+    print_table(["seam ms", "steady/s", "of 0 ms", "CPU/grant ms", "floor ms", "ratio"], summary)
+    print()
+    print_table(
+        ["seam ms", *(f"{p} ms" for p in WEIGHTS)],
+        [
+            [f"{latency:g}", *(f"{(run.floor or {})[p] * 1000:.3f}" for p in WEIGHTS)]
+            for latency, run in runs
+        ],
+    )
+
+
+async def main(args: argparse.Namespace) -> int:
+    runs: list[tuple[float, Run]] = []
+    failed = False
+    for latency in [at for _ in range(args.rounds) for at in args.latencies]:
+        run, hung = await one_run(args, latency)
+        failed = failed or hung or run is None
+        if run is not None:
+            report(args, latency, run)
+            runs.append((latency, run))
+    if runs:
+        table(args, runs)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

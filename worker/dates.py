@@ -13,6 +13,7 @@ has none, its offset (``UTC+01:00``):
 import re
 import unicodedata
 from datetime import UTC, datetime
+from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from babel import Locale, UnknownLocaleError
@@ -34,6 +35,7 @@ def time_zone(name: str) -> ZoneInfo:
         ) from None
 
 
+@lru_cache(maxsize=512)  # a few locales recur: parsing one costs more than an SMS render
 def babel_locale(tag: str) -> Locale | None:
     """The Babel locale for a BCP 47 tag (``fr-CA``, ``pt_BR``), or None when Babel has none."""
     try:

@@ -372,6 +372,10 @@ class Flows:
         keys: Sequence[InstantKey], call: Callable[[InstantKey], Awaitable[None]]
     ) -> None:
         """``call`` for every key, PARALLEL_CALLS at a time; raises the first failure."""
+        if len(keys) <= 1:  # the usual case (a grant's one key): no tasks, no gate
+            for key in keys:
+                await call(key)
+            return
         gate = asyncio.Semaphore(PARALLEL_CALLS)
 
         async def one(key: InstantKey) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -24,10 +25,30 @@ def mask_email(address: str | None) -> str:
     return f"{local[:1]}***@{domain}"
 
 
+_encode = json.JSONEncoder(default=str).encode  # one encoder, not one per line
+
+
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._prefix = ""
+
+    def _timestamp(self, created: float) -> str:
+        """As ``datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")``, with
+        the date and time formatted once a second rather than once a line."""
+        fraction, whole = math.modf(created)
+        seconds, micros = int(whole), round(fraction * 1e6)
+        if micros >= 1_000_000:
+            seconds, micros = seconds + 1, micros - 1_000_000
+        if seconds != self._second:
+            moment = datetime.fromtimestamp(seconds, UTC)
+            self._second, self._prefix = seconds, moment.strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{micros // 1000:03d}+00:00"
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": self._timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -39,7 +60,7 @@ class JsonFormatter(logging.Formatter):
             entry["span_id"] = trace.format_span_id(span.span_id)
         if record.exc_info and record.exc_info[0] is not None:
             entry["exc"] = record.exc_info[0].__name__
-        return json.dumps(entry, default=str)
+        return _encode(entry)
 
 
 # Connection-loss exceptions, by name: what aio-pika and aiormq report while a robust connection

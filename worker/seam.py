@@ -54,6 +54,7 @@ class SeamClient:
             "server.port": where.port or (443 if where.scheme == "https" else 80),
         }
         self._base_path = where.path
+        self._attributes: dict[str, dict[str, str | int]] = {}  # by path, built once
         self._connections = connections
         self._headers = {"Authorization": f"Bearer {api_key}", "User-Agent": USER_AGENT}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -142,7 +143,10 @@ class SeamClient:
 
     async def _call(self, path: str, body: Json, parse: Callable[[Json], T]) -> T:
         """One CLIENT span per call: method, path (never the body), host, status code."""
-        attributes = self._span_attributes | {"url.path": self._base_path + path}
+        attributes = self._attributes.get(path)
+        if attributes is None:
+            attributes = self._span_attributes | {"url.path": self._base_path + path}
+            self._attributes[path] = attributes
         with tracing.client_span(self._tracer, f"POST {path}", attributes):
             return await self._request(path, body, parse)
 

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import os
+import resource
 import signal
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
@@ -31,6 +32,26 @@ log = logging.getLogger("worker.service")
 
 CHECK_BACKOFF_CAP = 60.0
 CLOSE_TIMEOUT = 5.0  # closing a connection to a broker that is gone must not hang the stop
+
+
+def open_files_for(prefetch: int) -> None:
+    """Two pools of up to ``prefetch`` connections (Seam, Twilio) and the rest (broker, SMTP,
+    HTTP, files): raise the soft limit of open files to fit, up to the hard limit (a soft limit
+    of 1024 is common; the pools alone could pass it at the default prefetch)."""
+    wanted = 2 * prefetch + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        log.warning(
+            "open files limited to %d; IKW_PREFETCH %d may want %d (raise ulimit -n)",
+            target,
+            prefetch,
+            wanted,
+        )
 
 
 class StartError(Exception):
@@ -64,6 +85,7 @@ def build_channels(settings: Settings, tracer: Tracer | None = None) -> dict[str
             from_=s.from_,
             messaging_service_sid=s.messaging_service_sid,
             api_url=s.api_url,
+            connections=settings.prefetch,
             templates=templates,
             tracer=tracer,
         )
@@ -91,7 +113,8 @@ class Service:
         self.tracer = tracing.tracer(tracer_provider)
         self.names = Names(settings.namespace)
         self.metrics = Metrics()
-        # One HTTP connection per message in flight: a smaller pool would queue Seam calls.
+        # IKW_PREFETCH sizes everything: a message makes one HTTP call at a time, so one
+        # connection per message in flight, to Seam and to Twilio; a smaller pool would queue.
         self.seam = SeamClient(
             settings.seam_endpoint,
             settings.seam_api_key,
@@ -130,6 +153,7 @@ class Service:
         return self.not_ready_because is None
 
     async def start(self) -> None:
+        open_files_for(self.settings.prefetch)
         self.http = Served(self._http_app())
         try:
             await self.http.start("0.0.0.0", self.settings.http_port)

@@ -12,15 +12,27 @@ import os
 import secrets
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import Token
 from functools import cache
 from importlib.metadata import entry_points
 from importlib.metadata import version as package_version
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    NoOpTracer,
+    ProxyTracer,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+    Tracer,
+    TracerProvider,
+)
 
 from worker.config import ConfigError
 
@@ -157,17 +169,68 @@ def has_trace(context: Context | None = None) -> bool:
 # --- spans -----------------------------------------------------------------------------------
 
 
-@contextmanager
+def records(tracer: Tracer) -> bool:
+    """False when ``tracer`` is the API's no-op one (tracing off): its spans carry nothing. A
+    ProxyTracer is asked each time, since it follows a provider installed after it was made."""
+    if isinstance(tracer, ProxyTracer):
+        tracer = tracer._tracer
+    return not isinstance(tracer, NoOpTracer)
+
+
+class _Untraced:
+    """What ``span`` is with tracing off, without the cost of the API's no-op span (a generator
+    context manager and a context attach per span, eight per grant). The same context results:
+    a no-op tracer's span is its parent's span context, so a child changes nothing and is not
+    attached; a span given a ``context`` (a message's ``traceparent``) makes that current, so
+    log lines and the messages published under it carry the producer's trace."""
+
+    __slots__ = ("_attach", "_span", "_token")
+
+    def __init__(self, context: Context | None) -> None:
+        current = trace.get_current_span(context)
+        # Under another provider's recording span (not ours), attach as the API would, so that
+        # attributes set on "the current span" do not land on that span.
+        self._attach = context is not None or current.is_recording()
+        self._token: Token[Context] | None = None
+        self._span: Span = (
+            current
+            if isinstance(current, NonRecordingSpan)
+            else NonRecordingSpan(current.get_span_context())
+        )
+
+    def __enter__(self) -> Span:
+        if self._attach:
+            self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, *_: object) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)
+
+
 def span(
     tracer: Tracer,
     name: str,
     kind: SpanKind,
     attributes: Mapping[str, str | int | float | bool],
     context: Context | None = None,
-) -> Iterator[Span]:
+) -> AbstractContextManager[Span]:
     """A span made current (``context``: its parent, else the current span). An exception
     leaving it sets the status to ERROR and ``error.type`` to its class name; its message is not
     recorded (the worker's messages are clean, a library's may quote what we sent)."""
+    if not records(tracer):
+        return _Untraced(context)
+    return _recorded(tracer, name, kind, attributes, context)
+
+
+@contextmanager
+def _recorded(
+    tracer: Tracer,
+    name: str,
+    kind: SpanKind,
+    attributes: Mapping[str, str | int | float | bool],
+    context: Context | None = None,
+) -> Iterator[Span]:
     with tracer.start_as_current_span(
         name,
         context=context,

@@ -307,3 +307,17 @@ async def test_the_worker_greets_without_a_phishing_name(
     [sent] = sandbox.twilio.outbox
     assert sent["body"].startswith("Hello, here is your key: ")
     assert "evil.example" not in sent["body"]
+
+
+async def test_the_connection_pool_is_sized_as_asked(twilio: TwilioSandbox) -> None:
+    """twilio's own session allows aiohttp's default of 100 connections: the worker sizes it
+    from IKW_PREFETCH, as it does Seam's."""
+    channel = SmsChannel(
+        twilio.account_sid, twilio.auth_token, from_=SENDER, api_url=twilio.url, connections=7
+    )
+    try:
+        await channel.check()
+        assert channel._http is not None
+        assert channel._http.session.connector.limit == 7
+    finally:
+        await channel.close()

@@ -117,3 +117,11 @@ def test_setup_applies_the_level() -> None:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+@pytest.mark.parametrize(
+    "created", [0.0, 1.9995, 1.9999996, 1764297600.0004999, 1764297600.9999999, 2e9 + 0.123456]
+)
+def test_log_timestamps_read_as_isoformat_did(created: float) -> None:
+    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+    assert logs.JsonFormatter()._timestamp(created) == expected

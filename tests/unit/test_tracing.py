@@ -148,3 +148,32 @@ def test_a_new_trace_is_sampled_and_valid() -> None:
     one, two = tracing.new_trace(), tracing.new_trace()
     assert one.get_span_context().is_valid and one.get_span_context().trace_flags.sampled
     assert one.get_span_context().trace_id != two.get_span_context().trace_id
+
+
+def test_spans_with_tracing_off_keep_the_producers_trace_current() -> None:
+    """The cheap path taken with the API's no-op tracer gives the context the no-op spans gave:
+    the message's trace while it is handled, unchanged by client spans, restored after."""
+    off = trace.NoOpTracerProvider().get_tracer("test")
+    assert not tracing.records(off)
+    assert tracing.records(TracerProvider().get_tracer("test"))
+    before = trace.get_current_span().get_span_context()
+    parent = tracing.extract({"traceparent": TRACEPARENT})
+    with tracing.span(off, "process q", trace.SpanKind.CONSUMER, {}, parent) as consumer:
+        current = trace.get_current_span().get_span_context()
+        assert trace.format_trace_id(current.trace_id) == TRACEPARENT.split("-")[1]
+        assert consumer.get_span_context() == current
+        with tracing.client_span(off, "POST /x", {}) as client:
+            assert client.get_span_context() == current
+            assert trace.get_current_span().get_span_context() == current
+            carrier: dict[str, Any] = {}
+            tracing.inject(carrier)
+            assert carrier["traceparent"] == TRACEPARENT
+        assert trace.get_current_span().get_span_context() == current
+    assert trace.get_current_span().get_span_context() == before
+
+
+def test_a_failing_untraced_span_lets_the_error_through() -> None:
+    off = trace.NoOpTracerProvider().get_tracer("test")
+    with pytest.raises(ValueError), tracing.span(off, "x", trace.SpanKind.CLIENT, {}):
+        raise ValueError("boom")
+    assert not trace.get_current_span().get_span_context().is_valid

@@ -77,13 +77,18 @@ class Publisher:
         the trace the headers already carry (a replay), else a new trace."""
         headers = dict(headers or {})
         parent = None if tracing.has_trace() else tracing.extract(headers)
-        attributes = {
-            "messaging.system": "rabbitmq",
-            "messaging.operation": "publish",
-            "messaging.operation.type": "send",
-            "messaging.destination.name": exchange or "amq.default",
-            "messaging.rabbitmq.destination.routing_key": routing_key,
-        } | ({"messaging.message.id": message_id} if message_id else {})
+        attributes = (
+            {
+                "messaging.system": "rabbitmq",
+                "messaging.operation": "publish",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": exchange or "amq.default",
+                "messaging.rabbitmq.destination.routing_key": routing_key,
+            }
+            | ({"messaging.message.id": message_id} if message_id else {})
+            if tracing.records(self.tracer)
+            else {}
+        )
         name = f"publish {exchange or routing_key}"
         with tracing.span(self.tracer, name, SpanKind.PRODUCER, attributes, parent):
             tracing.inject(headers)

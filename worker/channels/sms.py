@@ -31,7 +31,14 @@ _status: ContextVar[int | None] = ContextVar("twilio_status", default=None)  # f
 class _HttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
     """twilio's aiohttp client with a timeout on every request (it has none by default), the
     Authorization header instead of aiohttp's deprecated ``auth=``, no request logging, and the
-    Retry-After header kept. Built without ``max_retries``: its retries can send an SMS twice."""
+    Retry-After header kept, and a connection pool of ``connections`` (twilio's own session has
+    aiohttp's default of 100, which would queue sends beyond it). Built without ``max_retries``:
+    its retries can send an SMS twice."""
+
+    def __init__(self, *, timeout: float, connections: int) -> None:
+        super().__init__(pool_connections=False, timeout=timeout)
+        # Typed as twilio's base leaves it: its request() passes twilio's loose params through.
+        self.session: Any = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections))
 
     async def request(
         self,
@@ -76,6 +83,7 @@ class SmsChannel:
         messaging_service_sid: str | None = None,
         api_url: str = "https://api.twilio.com",
         timeout: float = 10.0,
+        connections: int = 100,
         templates: Templates | None = None,
         tracer: Tracer | None = None,
     ) -> None:
@@ -87,6 +95,7 @@ class SmsChannel:
         self._messaging_service_sid = messaging_service_sid or None
         self._api_url = api_url.rstrip("/")
         self._timeout = timeout
+        self._connections = connections
         self._templates = templates or shipped()
         self._tracer = tracer or tracing.tracer()
         self._span_attributes: dict[str, str | int] = {
@@ -149,7 +158,7 @@ class SmsChannel:
     def _twilio(self) -> Any:
         # Built on first use: aiohttp sessions need a running event loop.
         if self._client is None:
-            self._http = _HttpClient(timeout=self._timeout)
+            self._http = _HttpClient(timeout=self._timeout, connections=self._connections)
             client = Client(self._account_sid, self._auth_token, http_client=self._http)
             client.api.base_url = self._api_url
             # api_url alone picks the host: ignore TWILIO_EDGE/TWILIO_REGION in the environment.
