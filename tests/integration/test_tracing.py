@@ -127,8 +127,8 @@ async def test_one_grant_is_one_trace_across_a_retry(
             "access.granted",
             retry.attributes and retry.attributes["messaging.rabbitmq.destination.routing_key"],
         )
-        assert attributes["ikw.grant_id"] == event["grant_id"]
-        assert attributes["ikw.event_id"] == event["event_id"]
+        assert attributes["grant_id"] == event["grant_id"]
+        assert attributes["event_id"] == event["event_id"]
         assert attributes["ikw.attempt"] == attempt
     assert first.status.status_code is StatusCode.ERROR
     assert "503" in (first.status.description or "")

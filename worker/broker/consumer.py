@@ -399,8 +399,8 @@ def _event_attributes(event: Event) -> dict[str, str]:
         return {"ikw.event_type": event.type, "ikw.instant_key_id": event.instant_key_id}
     return {
         "ikw.event_type": event.type,
-        "ikw.event_id": event.event_id,
-        "ikw.grant_id": event.grant_id,
+        "event_id": event.event_id,
+        "grant_id": event.grant_id,
     }
 
 
