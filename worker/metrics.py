@@ -1,6 +1,5 @@
 """Prometheus metrics: outcomes by queue, dead letters by reason, deliveries by channel."""
 
-import json
 import platform
 from datetime import UTC, datetime
 from importlib import metadata
@@ -12,7 +11,6 @@ from worker.errors import REASONS
 
 # From a tenth of a second to an hour: a healthy backlog is seconds; an alert is minutes.
 WAIT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-_WAIT_BODY_LIMIT = 64 * 1024  # the consumer refuses larger bodies anyway
 
 
 def version() -> str:
@@ -75,11 +73,14 @@ class Metrics:
         for known in self._services:
             self.credentials.labels(known).set(float(known == service))
 
-    def observe_wait(self, queue: str, message: AbstractIncomingMessage) -> None:
-        """How long ``message`` waited before a worker took it. Never raises."""
+    def observe_wait(
+        self, queue: str, message: AbstractIncomingMessage, occurred_at: datetime | None = None
+    ) -> None:
+        """How long ``message`` waited before a worker took it: from its AMQP timestamp, else
+        from the parsed event's ``occurred_at``. Never raises."""
         if message.headers and "x-death" in message.headers:
             return  # through the delay queues: the wait was scheduled, not backlog
-        sent = message.timestamp or _occurred_at(message.body)
+        sent = message.timestamp or occurred_at
         if sent is None:
             return
         if sent.tzinfo is None:
@@ -89,14 +90,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def _occurred_at(body: bytes) -> datetime | None:
-    if len(body) > _WAIT_BODY_LIMIT:
-        return None
-    try:
-        event = json.loads(body)
-        raw = event.get("occurred_at") if isinstance(event, dict) else None
-        return datetime.fromisoformat(raw) if isinstance(raw, str) else None
-    except (ValueError, RecursionError):  # JSON, UTF-8, ISO 8601; absurd nesting
-        return None

@@ -162,7 +162,6 @@ class Consumer:
     async def _handle(self, queue: str, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
         self.metrics.in_flight.inc()
-        self.metrics.observe_wait(queue, message)
         # x-ikw-* headers are ours: from anyone but the worker's own user they are not read.
         own = message.user_id == self.trust.worker
         book = headers.read(message.headers) if own else Bookkeeping()
@@ -234,11 +233,18 @@ class Consumer:
         if span.is_recording():
             span.set_attributes(_event_attributes(event))
         check_event(takes, event, producer, self.trust)
+        # Measured from the parsed event, and only for a producer we trust: no second parse, and
+        # nobody else can skew it.
+        sent = event.occurred_at if isinstance(event, AccessGranted | AccessRevoked) else None
+        self.metrics.observe_wait(queue, message, sent)
         seconds = self.deadline.total_seconds()
+        deadline = asyncio.timeout(seconds)
         try:
-            async with asyncio.timeout(seconds):
+            async with deadline:
                 return await self._dispatch(event, partial(_held, message))
         except TimeoutError as exc:
+            if not deadline.expired():
+                raise  # a timeout of its own (a Seam call, a confirm), not the deadline
             raise Transient(f"not done within IKW_MESSAGE_DEADLINE ({seconds:g} s)") from exc
 
     async def _dispatch(self, event: Event, still_held: Callable[[], bool]) -> Outcome:
