@@ -299,8 +299,7 @@ async def identity_with_keys(sandbox: Sandbox, key: str, phone: str, count: int)
             "user_identity_id": identity_id,
             "expires_at": timestamp(made + timedelta(hours=48)),
         }
-        sandbox.seam.keys[instant_key["instant_key_id"]] = instant_key
-        sandbox.seam.issued.append(instant_key)
+        sandbox.seam.add_key(instant_key)
     return identity_id
 
 

@@ -83,6 +83,10 @@ class SeamSandbox(Served):
         self.url_base = url_base
         self.identities: dict[str, Json] = {}
         self.keys: dict[str, Json] = {}
+        # Indexes, as Seam's own lookups are: (field, value) -> identity id for the unique
+        # fields, identity id -> its key ids. Tests that add a key directly use ``add_key``.
+        self._unique: dict[tuple[str, str], str] = {}
+        self._keys_of: dict[str, dict[str, None]] = {}
         # Every key ever generated, deleted ones included: "one key minted" is len(issued) == 1.
         self.issued: list[Json] = []
         # What generate_instant_key was given beyond the identity; the key object does not show it.
@@ -128,10 +132,18 @@ class SeamSandbox(Served):
         now = datetime.now(UTC)
         return [
             key
-            for key in self.keys.values()
-            if key["user_identity_id"] == user_identity_id
-            and datetime.fromisoformat(key["expires_at"]) > now
+            for key in self._keys_of_identity(user_identity_id)
+            if datetime.fromisoformat(key["expires_at"]) > now
         ]
+
+    def add_key(self, key: Json) -> None:
+        """Hold ``key`` as if Seam had issued it."""
+        self.keys[key["instant_key_id"]] = key
+        self._keys_of.setdefault(key["user_identity_id"], {})[key["instant_key_id"]] = None
+        self.issued.append(key)
+
+    def _keys_of_identity(self, user_identity_id: str) -> list[Json]:
+        return [self.keys[k] for k in self._keys_of.get(user_identity_id, ())]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         params = await _params(request)
@@ -175,8 +187,7 @@ class SeamSandbox(Served):
         if identity_id is not None:
             found = self.identities.get(identity_id)
         elif key is not None:
-            same_key = (i for i in self.identities.values() if i["user_identity_key"] == key)
-            found = next(same_key, None)
+            found = self.identities.get(self._unique.get(("user_identity_key", key), ""))
         else:
             raise _invalid("user_identity_id or user_identity_key is required")
         if found is None:
@@ -204,7 +215,7 @@ class SeamSandbox(Served):
         }
         full_name = _text(params, "full_name")
         for name, value in unique.items():
-            if value is not None and any(i[name] == value for i in self.identities.values()):
+            if value is not None and (name, value) in self._unique:
                 kind = f"user_identity_{name.removeprefix('user_identity_')}_already_exists"
                 raise SeamError(400, kind, f"A user identity with this {name} already exists")
         identity_id = str(uuid.uuid4())
@@ -223,6 +234,9 @@ class SeamSandbox(Served):
             "acs_user_ids": [],
         }
         self.identities[identity_id] = identity
+        for name, value in unique.items():
+            if value is not None:
+                self._unique[name, value] = identity_id
         return {"user_identity": identity}
 
     async def _get_identity(self, params: Json) -> Json:
@@ -249,9 +263,12 @@ class SeamSandbox(Served):
 
     async def _delete_identity(self, params: Json) -> Json:
         _uuid(params, "user_identity_id", required=True)
-        identity_id = self._find_identity(params)["user_identity_id"]
+        identity = self._find_identity(params)
+        identity_id = identity["user_identity_id"]
         del self.identities[identity_id]
-        for key_id in [k for k, v in self.keys.items() if v["user_identity_id"] == identity_id]:
+        for name in ("user_identity_key", "email_address", "phone_number"):
+            self._unique.pop((name, identity[name]), None)
+        for key_id in list(self._keys_of.pop(identity_id, ())):
             self._forget_key(key_id)
         return {}
 
@@ -278,8 +295,7 @@ class SeamSandbox(Served):
         }
         if profile_id is not None:
             key["customization_profile_id"] = profile_id
-        self.keys[key_id] = key
-        self.issued.append(key)
+        self.add_key(key)
         self.key_options[key_id] = {
             "customization_profile_id": profile_id,
             "max_use_count": max_use_count,
@@ -291,7 +307,9 @@ class SeamSandbox(Served):
 
     async def _list_keys(self, params: Json) -> Json:
         identity_id = _uuid(params, "user_identity_id")
-        keys = [k for k in self.keys.values() if identity_id in (None, k["user_identity_id"])]
+        keys = (
+            list(self.keys.values()) if identity_id is None else self._keys_of_identity(identity_id)
+        )
         return {"instant_keys": keys}
 
     async def _delete_key(self, params: Json) -> Json:
@@ -300,7 +318,8 @@ class SeamSandbox(Served):
         return {}
 
     def _forget_key(self, key_id: str) -> None:
-        del self.keys[key_id]
+        key = self.keys.pop(key_id)
+        self._keys_of.get(key["user_identity_id"], {}).pop(key_id, None)
         self.key_options.pop(key_id, None)
 
 
