@@ -118,49 +118,118 @@ async def broker_parts(args: argparse.Namespace) -> dict[str, float]:
     return {"publish": published / args.repeat, "consume_ack": consumed / args.repeat}
 
 
+class SeamCalls:
+    """A new guest's four Seam calls on one aiohttp session, as a plain client makes them."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.headers = {"Authorization": f"Bearer {args.seam_key}", "User-Agent": "floor"}
+        self.base = args.seam_url.rstrip("/")
+        self.prefix = uuid.uuid4().hex[:8]
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency))
+
+    async def call(self, path: str, body: dict[str, object]) -> dict[str, object]:
+        async with self.session.post(self.base + path, json=body, headers=self.headers) as response:
+            raw = await response.read()
+        data = json.loads(raw)
+        assert isinstance(data, dict)
+        return data
+
+    async def new_guest(self, name: str) -> None:
+        key = f"floor-{self.prefix}-{name}"
+        await self.call("/user_identities/get", {"user_identity_key": key})  # 404
+        created = await self.call("/user_identities/create", {"user_identity_key": key})
+        identity = created["user_identity"]
+        assert isinstance(identity, dict)
+        who = {"user_identity_id": identity["user_identity_id"]}
+        await self.call("/user_identities/generate_instant_key", who | {"max_use_count": 1})
+        await self.call("/instant_keys/list", who)
+
+
+class Sms:
+    """twilio's stock ``AsyncTwilioHttpClient``, one Client for the phase."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.http = AsyncTwilioHttpClient(timeout=10)
+        self.client = Client(args.twilio_sid, args.twilio_token, http_client=self.http)
+        self.client.api.base_url = args.twilio_url.rstrip("/")
+        self.client.edge = self.client.region = None
+        self.sender = args.twilio_from
+
+    async def send(self, to: str) -> None:
+        await self.client.messages.create_async(to=to, from_=self.sender, body=SMS_TEXT)
+
+
 async def seam_part(args: argparse.Namespace) -> float:
-    headers = {"Authorization": f"Bearer {args.seam_key}", "User-Agent": "floor"}
-    base = args.seam_url.rstrip("/")
-    prefix = uuid.uuid4().hex[:8]
-    connector = aiohttp.TCPConnector(limit=args.concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def call(path: str, body: dict[str, object]) -> dict[str, object]:
-            async with session.post(base + path, json=body, headers=headers) as response:
-                raw = await response.read()
-            data = json.loads(raw)
-            assert isinstance(data, dict)
-            return data
-
-        async def new_guest(index: int) -> None:
-            key = f"floor-{prefix}-{index}"
-            await call("/user_identities/get", {"user_identity_key": key})  # 404
-            created = await call("/user_identities/create", {"user_identity_key": key})
-            identity = created["user_identity"]
-            assert isinstance(identity, dict)
-            who = {"user_identity_id": identity["user_identity_id"]}
-            await call("/user_identities/generate_instant_key", who | {"max_use_count": 1})
-            await call("/instant_keys/list", who)
-
-        used = await phase(args.repeat, args.concurrency, new_guest)
+    seam = SeamCalls(args)
+    try:
+        used = await phase(args.repeat, args.concurrency, lambda i: seam.new_guest(str(i)))
+    finally:
+        await seam.session.close()
     return used / (4 * args.repeat)
 
 
 async def twilio_part(args: argparse.Namespace) -> float:
-    http = AsyncTwilioHttpClient(timeout=10)
-    client = Client(args.twilio_sid, args.twilio_token, http_client=http)
-    client.api.base_url = args.twilio_url.rstrip("/")
-    client.edge = client.region = None
-
-    async def send(index: int) -> None:
-        await client.messages.create_async(
-            to=f"+1650{index:07d}", from_=args.twilio_from, body=SMS_TEXT
-        )
-
+    sms = Sms(args)
     try:
-        used = await phase(args.repeat, args.concurrency, send)
+        used = await phase(args.repeat, args.concurrency, lambda i: sms.send(f"+1650{i:07d}"))
     finally:
-        await http.close()
+        await sms.http.close()
+    return used / args.repeat
+
+
+async def pipeline_part(args: argparse.Namespace) -> float:
+    """CPU per grant of the same parts chained as the worker chains them for a new guest, with
+    no worker code: a delivery consumed, the four Seam calls, a confirmed publish (the cleanup
+    timer), the SMS, a confirmed publish (the outcome event), the ack; ``concurrency`` grants
+    in flight (the prefetch). What the libraries cost when their calls interleave, which the
+    parts measured one kind at a time do not show."""
+    connection = await aio_pika.connect(args.amqp_url)
+    seam, sms = SeamCalls(args), Sms(args)
+    try:
+        publishing = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        inbox = await publishing.declare_queue(f"{args.queue}.pipeline", durable=True)
+        outbox = await publishing.declare_queue(f"{args.queue}.pipeline-out", durable=True)
+        body = b"x" * args.body_bytes
+
+        async def publish(queue: str) -> None:
+            message = aio_pika.Message(
+                body,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            await publishing.default_exchange.publish(message, queue, mandatory=True)
+
+        await phase(args.repeat, args.concurrency, lambda i: publish(inbox.name))  # not counted
+        consuming = await connection.channel()
+        await consuming.set_qos(prefetch_count=args.concurrency)
+        done = asyncio.Event()
+        started = finished = 0
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            nonlocal started, finished
+            started += 1
+            index = started
+            await seam.new_guest(f"p{index}")
+            await publish(outbox.name)
+            await sms.send(f"+1651{index:07d}")
+            await publish(outbox.name)
+            await message.ack()
+            finished += 1
+            if finished >= args.repeat:
+                done.set()
+
+        before = cpu()
+        queue = await consuming.get_queue(inbox.name)
+        tag = await queue.consume(on_message)
+        await asyncio.wait_for(done.wait(), 300)
+        used = cpu() - before
+        await queue.cancel(tag)
+        await inbox.delete(if_unused=False, if_empty=False)
+        await outbox.delete(if_unused=False, if_empty=False)
+    finally:
+        await seam.session.close()
+        await sms.http.close()
+        await connection.close()
     return used / args.repeat
 
 
@@ -169,6 +238,7 @@ async def main(args: argparse.Namespace) -> int:
     parts = await broker_parts(args)
     parts["seam_call"] = await seam_part(args)
     parts["twilio_send"] = await twilio_part(args)
+    parts["pipeline"] = await pipeline_part(args)
     parts["elapsed"] = time.monotonic() - started
     print(json.dumps(parts))
     return 0

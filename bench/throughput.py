@@ -44,6 +44,7 @@ from worker.sandbox import wait_for
 from worker.sandbox.all import SMS_FROM, Sandbox
 
 FLOOR = Path(__file__).with_name("floor.py")
+PARTS = [*WEIGHTS, "pipeline"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -281,8 +282,13 @@ def report(args: argparse.Namespace, latency: float, run: Run) -> None:
                     "worker CPU per grant / floor",
                     f"{run.worker_cpu / args.grants / run.floor_per_grant():.2f}",
                 ),
+                ("raw pipeline per grant", f"{floor['pipeline'] * 1000:.2f} ms"),
+                (
+                    "worker CPU per grant / pipeline",
+                    f"{run.worker_cpu / args.grants / floor['pipeline']:.2f}",
+                ),
             ]
-            if all(part in floor for part in WEIGHTS)
+            if all(part in floor for part in PARTS)
             else []
         )
     )
@@ -342,6 +348,7 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
         latencies = [(run.delivered_at[p] - run.published_at[p]) * 1000 for p in run.published_at]
         per_grant = run.worker_cpu / args.grants
         floor = run.floor_per_grant()
+        pipeline = (run.floor or {})["pipeline"]
         rows.append(
             [
                 f"{latency:g}",
@@ -353,6 +360,8 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
                 f"{per_grant * 1000:.2f}",
                 f"{floor * 1000:.2f}",
                 f"{per_grant / floor:.2f}",
+                f"{pipeline * 1000:.2f}",
+                f"{per_grant / pipeline:.2f}",
                 f"{run.seam_calls / args.grants:.2f}",
                 f"{run.sms - args.grants}",
             ]
@@ -374,6 +383,8 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
             "CPU/grant ms",
             "floor ms",
             "ratio",
+            "pipeline ms",
+            "of pipeline",
             "seam calls",
             "dup SMS",
         ],
@@ -381,8 +392,9 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
     )
     parts = " + ".join(f"{w} {p}" for p, w in WEIGHTS.items())
     print(
-        f"floor = {parts}; ratio = worker CPU per grant / floor; of 0 ms = steady rate / "
-        "median steady rate at 0 ms"
+        f"floor = {parts}; ratio = worker CPU per grant / floor; pipeline = the same parts "
+        "chained per grant with no worker code (floor.py); of 0 ms = steady rate / median "
+        "steady rate at 0 ms"
     )
     print()
     print(f"median of {args.rounds} round(s) by latency")
@@ -394,6 +406,7 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
         steady = statistics.median(run.steady_rate() for run in these)
         per_grant = statistics.median(run.worker_cpu / args.grants for run in these)
         floor = statistics.median(run.floor_per_grant() for run in these)
+        pipeline = statistics.median((run.floor or {})["pipeline"] for run in these)
         summary.append(
             [
                 f"{latency:g}",
@@ -402,14 +415,28 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
                 f"{per_grant * 1000:.2f}",
                 f"{floor * 1000:.2f}",
                 f"{per_grant / floor:.2f}",
+                f"{pipeline * 1000:.2f}",
+                f"{per_grant / pipeline:.2f}",
             ]
         )
-    print_table(["seam ms", "steady/s", "of 0 ms", "CPU/grant ms", "floor ms", "ratio"], summary)
+    print_table(
+        [
+            "seam ms",
+            "steady/s",
+            "of 0 ms",
+            "CPU/grant ms",
+            "floor ms",
+            "ratio",
+            "pipeline ms",
+            "of pipeline",
+        ],
+        summary,
+    )
     print()
     print_table(
-        ["seam ms", *(f"{p} ms" for p in WEIGHTS)],
+        ["seam ms", *(f"{p} ms" for p in PARTS)],
         [
-            [f"{latency:g}", *(f"{(run.floor or {})[p] * 1000:.3f}" for p in WEIGHTS)]
+            [f"{latency:g}", *(f"{(run.floor or {})[p] * 1000:.3f}" for p in PARTS)]
             for latency, run in runs
         ],
     )
