@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,6 +108,17 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants, from /proc/<pid>/task/*/children."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        for task in Path(f"/proc/{pids[index]}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                pids.extend(int(child) for child in (task / "children").read_text().split())
+        index += 1
+    return pids
+
+
 def broker_pids() -> list[int]:
     """The local RabbitMQ's Erlang VM(s), to show what the broker spends."""
     pids = []
@@ -189,12 +200,14 @@ class Workers:
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes]
 
-    async def start(self, count: int, env: Mapping[str, str]) -> None:
+    async def start(
+        self, count: int, env: Mapping[str, str], command: Sequence[str] = (str(IKW), "run")
+    ) -> None:
+        """``count`` processes of ``command`` (``ikw run`` unless told)."""
         for index in range(count):
             with (self.log_dir / f"worker-{index}.log").open("wb") as log:
                 process = await asyncio.create_subprocess_exec(
-                    str(IKW),
-                    "run",
+                    *command,
                     env=dict(env),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,

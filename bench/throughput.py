@@ -4,8 +4,10 @@ per grant against the floor measured in the same run.
 For each Seam latency in ``--latencies`` (a fresh namespace and stand-ins each time): publishes N
 grants for distinct identities (SMS only, one phone number each), waits until every phone number
 has its SMS in the Twilio stand-in's outbox, then runs ``floor.py`` against the same broker and
-stand-ins. Prints the figures of each run, then one table: grants/s, the share of the 0 ms rate,
-latency, worker CPU per grant, the floor and their ratio, Seam calls per grant.
+stand-ins. With ``--peer celery``, each round also runs the Celery gevent peer of issue 9
+(``celery_peer.py``) on the same job at ``--peer-latency``. Prints the figures of each run, then
+one table: grants/s, the share of the 0 ms rate, latency, CPU per grant, the floor and their
+ratio, Seam calls per grant; and the worker's steady rate over the peer's.
 """
 
 import argparse
@@ -16,8 +18,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from floor import WEIGHTS
 from harness import (
@@ -34,6 +38,7 @@ from harness import (
     percentile,
     print_figures,
     print_table,
+    process_tree,
     self_cpu_seconds,
     worker_env,
 )
@@ -43,8 +48,13 @@ from worker.events import ANNOUNCEMENTS
 from worker.sandbox import wait_for
 from worker.sandbox.all import SMS_FROM, Sandbox
 
+if TYPE_CHECKING:
+    from celery import Celery
+
 FLOOR = Path(__file__).with_name("floor.py")
 PARTS = [*WEIGHTS, "pipeline"]
+CELERY = Path(sys.executable).with_name("celery")
+QUORUM = {"x-queue-type": "quorum"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,11 +97,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--floor-repeat", type=int, default=2000, help="repeats of each raw part (2000)"
     )
+    parser.add_argument(
+        "--peer",
+        choices=["none", "celery"],
+        default="none",
+        help="celery: also run the Celery gevent peer (celery_peer.py, needs the bench extra) "
+        "once per round at --peer-latency, and print the worker's steady rate over its own",
+    )
+    parser.add_argument(
+        "--peer-latency", type=float, default=200.0, help="ms per Seam call for the peer (200)"
+    )
+    parser.add_argument(
+        "--peer-concurrency", type=int, default=256, help="the peer's greenlets, -c (256)"
+    )
     args = parser.parse_args(argv)
     try:
         args.latencies = [float(ms) for ms in str(args.latencies).split(",") if ms.strip()]
     except ValueError:
         parser.error(f"--latencies: comma-separated milliseconds, got {args.latencies!r}")
+    if args.peer == "celery" and not CELERY.exists():
+        parser.error(f"--peer celery: no {CELERY}; pip install -e '.[bench]'")
     return args
 
 
@@ -108,11 +133,11 @@ class Run:
     worker_cpu: float
     self_cpu: float
     broker_cpu: float
-    body_bytes: int
     floor: dict[str, float] | None = None  # CPU seconds per op of each raw part
     total_worker_cpu: float = 0.0
     sms: int = 0
     elapsed: float = 0.0
+    who: str = "ikw"  # or "celery": the peer
 
     def rate(self, grants: int) -> float:
         """First publish to last SMS: filling and draining the pipeline included."""
@@ -172,18 +197,22 @@ async def listen_to_outcomes(broker: Broker) -> None:
 
 
 async def measure(
-    args: argparse.Namespace, sandbox: Sandbox, broker: Broker, workers: Workers
+    args: argparse.Namespace,
+    sandbox: Sandbox,
+    workers: Workers,
+    publish: Callable[[], Awaitable[list[float]]],
 ) -> Run:
+    """``publish()`` the grants (their start times, in phone order), wait for every SMS."""
     outbox = StampedList()
     sandbox.twilio.outbox = outbox
-    events = bodies(args.grants, broker.names.namespace)
     phones = [phone(i) for i in range(args.grants)]
     seam_before, twilio_before = len(sandbox.seam.requests), sandbox.twilio.received
-    meters = [CpuMeter(workers.pids), CpuMeter(broker_pids())]
+    processes = [pid for worker in workers.pids for pid in process_tree(worker)]
+    meters = [CpuMeter(processes), CpuMeter(broker_pids())]
     for meter in meters:
         meter.start()
     self_before = self_cpu_seconds()
-    started = await broker.publish_grants(events, rate=args.rate)
+    started = await publish()
 
     wanted: int = args.grants
 
@@ -204,9 +233,91 @@ async def measure(
         worker_cpu=worker_cpu,
         self_cpu=self_cpu_seconds() - self_before,
         broker_cpu=broker_cpu,
-        body_bytes=max(len(body) for _, body in events),
         sms=sms,
     )
+
+
+def send_tasks(app: "Celery", grants: int, prefix: str, rate: float) -> list[float]:
+    """The peer's grants as Celery tasks (confirmed, one at a time: well above the peer's
+    rate), paced at ``rate`` per second when > 0. Returns each one's publish start time."""
+    from celery_peer import TASK
+
+    started: list[float] = []
+    first = time.monotonic()
+    with app.producer_or_acquire() as producer:
+        for index in range(grants):
+            if rate > 0:
+                time.sleep(max(0.0, first + index / rate - time.monotonic()))
+            started.append(time.monotonic())
+            app.send_task(
+                TASK,
+                args=[f"{prefix}-{index}", phone(index), f"Bench guest {index}"],
+                producer=producer,
+                confirm_timeout=10,
+            )
+    return started
+
+
+async def start_peer(
+    args: argparse.Namespace, sandbox: Sandbox, broker: Broker, workers: Workers
+) -> tuple[str, Callable[[], Awaitable[list[float]]]]:
+    """Declare the peer's queues, start ``celery -A celery_peer worker``; (its queue, how to
+    publish the grants to it)."""
+    from celery_peer import make_app
+
+    assert broker.channel is not None
+    ns = broker.names.namespace
+    queue = f"{ns}.celery"
+    env = {
+        "PYTHONPATH": str(FLOOR.parent),
+        "PEER_QUEUE": queue,
+        "PEER_NAMESPACE": ns,
+        "PEER_CLEANUP_QUEUE": f"{ns}.celery_cleanup",
+        "PEER_OUTCOME_EXCHANGE": broker.names.exchange,
+        "PEER_CONCURRENCY": str(args.peer_concurrency),
+    }
+    # Declared before Celery starts so that wait_ready can look: the task queue as Celery
+    # declares it (durable, classic), the cleanup queue a quorum queue as the worker's timers.
+    await broker.channel.declare_queue(queue, durable=True)
+    await broker.channel.declare_queue(env["PEER_CLEANUP_QUEUE"], durable=True, arguments=QUORUM)
+    command = [
+        str(CELERY),
+        "-A",
+        "celery_peer",
+        "worker",
+        "-P",
+        "gevent",
+        "-c",
+        str(args.peer_concurrency),
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-Q",
+        queue,
+        "--loglevel",
+        "WARNING",
+        "-n",
+        f"{ns}@%h",
+    ]
+    await workers.start(1, worker_env(sandbox.env(), AMQP_URL, broker.names, env), command)
+    app = make_app({"AMQP_URL": AMQP_URL} | env)
+
+    async def publish() -> list[float]:
+        return await asyncio.to_thread(send_tasks, app, args.grants, ns, args.rate)
+
+    return queue, publish
+
+
+async def delete_peer_topology(broker: Broker) -> None:
+    """The queues and exchanges of ``start_peer`` and of Celery itself."""
+    if broker.connection is None:
+        return
+    ns = broker.names.namespace
+    channel = await (await broker.connection.channel()).get_underlay_channel()
+    for queue in (f"{ns}.celery", f"{ns}.celery_cleanup"):
+        await channel.queue_delete(queue)
+    for exchange in (f"{ns}.celery", f"{ns}.celeryev"):
+        await channel.exchange_delete(exchange)
 
 
 async def measure_floor(
@@ -246,10 +357,15 @@ def report(args: argparse.Namespace, latency: float, run: Run) -> None:
     prefetch = args.prefetch or f"{Settings.prefetch} (default)"
     total_worker_cpu, sms, elapsed = run.total_worker_cpu, run.sms, run.elapsed
     floor = run.floor or {}
+    if run.who == "celery":
+        n = args.peer_concurrency
+        who = ("celery peer", f"1 x gevent -c {n}, prefetch {n}, acks_late")
+    else:
+        who = ("workers x prefetch", f"{args.workers} x {prefetch}")
     print_figures(
         [
             ("grants", args.grants),
-            ("workers x prefetch", f"{args.workers} x {prefetch}"),
+            who,
             ("seam latency added", f"{latency:g} ms"),
             ("publish rate", f"{args.rate:g} grants/s" if args.rate else "all at once"),
             ("publish time", f"{run.last_publish - run.first_publish:.2f} s"),
@@ -295,12 +411,16 @@ def report(args: argparse.Namespace, latency: float, run: Run) -> None:
     print()
 
 
-async def one_run(args: argparse.Namespace, latency: float) -> tuple[Run | None, bool]:
-    """One worker run at ``latency`` ms per Seam call, then the floor; (run or None, hung)."""
+async def one_run(
+    args: argparse.Namespace, latency: float, who: str = "ikw"
+) -> tuple[Run | None, bool]:
+    """One worker run at ``latency`` ms per Seam call, then the floor; or, ``who`` "celery",
+    one run of the peer (no floor). (run or None, hung)."""
     started = time.monotonic()
-    names = new_names("ikw_bench")
+    peer = who == "celery"
+    names = new_names("ikw_peer" if peer else "ikw_bench")
     log_dir = Path(tempfile.mkdtemp(prefix=f"{names.namespace}-"))
-    print(f"{latency:g} ms: namespace {names.namespace}, logs in {log_dir}", file=sys.stderr)
+    print(f"{who} {latency:g} ms: namespace {names.namespace}, logs in {log_dir}", file=sys.stderr)
     sandbox = Sandbox()
     await sandbox.start()
     sandbox.seam.latency = latency / 1000
@@ -313,22 +433,36 @@ async def one_run(args: argparse.Namespace, latency: float) -> tuple[Run | None,
         await broker.open()
         if args.listener:
             await listen_to_outcomes(broker)
-        extra = {"IKW_PREFETCH": str(args.prefetch)} if args.prefetch else {}
-        await workers.start(args.workers, worker_env(sandbox.env(), AMQP_URL, names, extra))
         assert broker.channel is not None
-        ready = await workers.wait_ready(broker.channel, names.grants, timeout=60)
-        print(f"{args.workers} workers consuming after {ready:.1f} s", file=sys.stderr)
-        run = await measure(args, sandbox, broker, workers)
+        body_bytes = 0
+        if peer:
+            queue, publish = await start_peer(args, sandbox, broker, workers)
+        else:
+            extra = {"IKW_PREFETCH": str(args.prefetch)} if args.prefetch else {}
+            await workers.start(args.workers, worker_env(sandbox.env(), AMQP_URL, names, extra))
+            queue, events = names.grants, bodies(args.grants, names.namespace)
+            body_bytes = max(len(body) for _, body in events)
+
+            def publish() -> Awaitable[list[float]]:
+                return broker.publish_grants(events, rate=args.rate)
+
+        ready = await workers.wait_ready(broker.channel, queue, timeout=60)
+        print(f"{len(workers.pids)} {who} consuming after {ready:.1f} s", file=sys.stderr)
+        run = await measure(args, sandbox, workers, publish)
+        run.who = who
         exits = await workers.stop()
         run.total_worker_cpu = children_cpu_seconds() - cpu_before  # before floor.py, a child too
-        # The floor runs alone: the workers are gone, the broker and stand-ins are the same.
-        concurrency = args.prefetch or Settings.prefetch
-        run.floor = await measure_floor(args, sandbox, broker, concurrency, run.body_bytes)
+        if not peer:
+            # The floor runs alone: the workers are gone, the broker and stand-ins are the same.
+            concurrency = args.prefetch or Settings.prefetch
+            run.floor = await measure_floor(args, sandbox, broker, concurrency, body_bytes)
     except (TimeoutError, RuntimeError) as exc:
-        print(f"throughput: {exc}; worker logs in {log_dir}", file=sys.stderr)
+        print(f"throughput: {exc}; {who} logs in {log_dir}", file=sys.stderr)
         run = None
     finally:
         exits = exits or await workers.stop()
+        if peer:
+            await delete_peer_topology(broker)
         await broker.close()
         await sandbox.stop()
     if run is not None:
@@ -340,17 +474,18 @@ async def one_run(args: argparse.Namespace, latency: float) -> tuple[Run | None,
 
 
 def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
-    zero = [run.steady_rate() for latency, run in runs if latency == 0]
+    zero = [run.steady_rate() for latency, run in runs if latency == 0 and run.who == "ikw"]
     base = statistics.median(zero) if zero else None
     rows = []
     for latency, run in runs:
         steady = run.steady_rate()
         latencies = [(run.delivered_at[p] - run.published_at[p]) * 1000 for p in run.published_at]
         per_grant = run.worker_cpu / args.grants
-        floor = run.floor_per_grant()
-        pipeline = (run.floor or {})["pipeline"]
+        floor = run.floor_per_grant() if run.floor else None
+        pipeline = run.floor["pipeline"] if run.floor else None
         rows.append(
             [
+                run.who,
                 f"{latency:g}",
                 f"{run.rate(args.grants):.0f}",
                 f"{steady:.0f}",
@@ -358,22 +493,28 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
                 f"{percentile(latencies, 0.50):.0f}",
                 f"{percentile(latencies, 0.99):.0f}",
                 f"{per_grant * 1000:.2f}",
-                f"{floor * 1000:.2f}",
-                f"{per_grant / floor:.2f}",
-                f"{pipeline * 1000:.2f}",
-                f"{per_grant / pipeline:.2f}",
+                f"{floor * 1000:.2f}" if floor else "-",
+                f"{per_grant / floor:.2f}" if floor else "-",
+                f"{pipeline * 1000:.2f}" if pipeline else "-",
+                f"{per_grant / pipeline:.2f}" if pipeline else "-",
                 f"{run.seam_calls / args.grants:.2f}",
                 f"{run.sms - args.grants}",
             ]
         )
     prefetch = args.prefetch or f"{Settings.prefetch} (default)"
     listening = "a listener on the outcome events" if args.listener else "no outcome listener"
+    peer = (
+        f"; celery: the peer, 1 x gevent -c {args.peer_concurrency}"
+        if args.peer == "celery"
+        else ""
+    )
     print(
-        f"{args.grants} grants per run (new guests, SMS), {args.workers} worker(s), "
-        f"IKW_PREFETCH {prefetch}, {listening}"
+        f"{args.grants} grants per run (new guests, SMS), ikw: {args.workers} worker(s), "
+        f"IKW_PREFETCH {prefetch}, {listening}{peer}"
     )
     print_table(
         [
+            "run",
             "seam ms",
             "grants/s",
             "steady/s",
@@ -394,33 +535,37 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
     print(
         f"floor = {parts}; ratio = worker CPU per grant / floor; pipeline = the same parts "
         "chained per grant with no worker code (floor.py); of 0 ms = steady rate / median "
-        "steady rate at 0 ms"
+        "steady rate of ikw at 0 ms"
     )
     print()
     print(f"median of {args.rounds} round(s) by latency")
     summary = []
-    for latency in args.latencies:
-        these = [run for at, run in runs if at == latency]
-        if not these:
-            continue
-        steady = statistics.median(run.steady_rate() for run in these)
+    medians: dict[tuple[str, float], float] = {}
+    for who, latency in dict.fromkeys((run.who, at) for at, run in runs):
+        these = [run for at, run in runs if (run.who, at) == (who, latency)]
+        steady = medians[who, latency] = statistics.median(run.steady_rate() for run in these)
         per_grant = statistics.median(run.worker_cpu / args.grants for run in these)
-        floor = statistics.median(run.floor_per_grant() for run in these)
-        pipeline = statistics.median((run.floor or {})["pipeline"] for run in these)
+        floors = [run.floor_per_grant() for run in these if run.floor]
+        floor = statistics.median(floors) if floors else None
+        pipelines = [run.floor["pipeline"] for run in these if run.floor]
+        pipeline = statistics.median(pipelines) if pipelines else None
         summary.append(
             [
+                who,
                 f"{latency:g}",
                 f"{steady:.0f}",
                 f"{steady / base:.0%}" if base else "-",
                 f"{per_grant * 1000:.2f}",
-                f"{floor * 1000:.2f}",
-                f"{per_grant / floor:.2f}",
-                f"{pipeline * 1000:.2f}",
-                f"{per_grant / pipeline:.2f}",
+                f"{floor * 1000:.2f}" if floor else "-",
+                f"{per_grant / floor:.2f}" if floor else "-",
+                f"{pipeline * 1000:.2f}" if pipeline else "-",
+                f"{per_grant / pipeline:.2f}" if pipeline else "-",
             ]
         )
+    summary.sort(key=lambda row: (row[0] != "ikw", float(row[1])))
     print_table(
         [
+            "run",
             "seam ms",
             "steady/s",
             "of 0 ms",
@@ -432,12 +577,19 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
         ],
         summary,
     )
+    at = args.peer_latency
+    if ("ikw", at) in medians and ("celery", at) in medians:
+        print(
+            f"ikw steady/s at {at:g} ms / celery peer steady/s at {at:g} ms = "
+            f"{medians['ikw', at] / medians['celery', at]:.2f} (issue 9 asks at least 2.5)"
+        )
     print()
     print_table(
         ["seam ms", *(f"{p} ms" for p in PARTS)],
         [
-            [f"{latency:g}", *(f"{(run.floor or {})[p] * 1000:.3f}" for p in PARTS)]
+            [f"{latency:g}", *(f"{run.floor[p] * 1000:.3f}" for p in PARTS)]
             for latency, run in runs
+            if run.floor
         ],
     )
 
@@ -445,8 +597,11 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
 async def main(args: argparse.Namespace) -> int:
     runs: list[tuple[float, Run]] = []
     failed = False
-    for latency in [at for _ in range(args.rounds) for at in args.latencies]:
-        run, hung = await one_run(args, latency)
+    series = [("ikw", at) for at in args.latencies]
+    if args.peer == "celery":
+        series.append(("celery", args.peer_latency))
+    for who, latency in [one for _ in range(args.rounds) for one in series]:
+        run, hung = await one_run(args, latency, who)
         failed = failed or hung or run is None
         if run is not None:
             report(args, latency, run)
