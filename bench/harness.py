@@ -13,7 +13,6 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -25,6 +24,7 @@ from worker.broker import topology
 from worker.broker.connect import connect
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
+from worker.events import granted
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 IKW = Path(sys.executable).with_name("ikw")
@@ -70,22 +70,16 @@ def grant_body(
     email: str | None,
     channels: list[str],
 ) -> bytes:
-    """An ``access.granted`` v1 event as a producer writes it."""
-    event = {
-        "type": "access.granted",
-        "version": 1,
-        "event_id": event_id,
-        "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "grant_id": f"bench-{event_id[:12]}",
-        "user_identity": {
-            "user_identity_key": key,
-            "full_name": name,
-            "email_address": email,
-            "phone_number": phone,
-        },
-        "delivery": {"channels": channels, "locale": "en"},
-        "instant_key": {"customization_profile_id": None, "max_use_count": 1},
-    }
+    """An ``access.granted`` v1 event as a producer writes it (the worker's one builder)."""
+    event = granted(
+        user_identity_key=key,
+        full_name=name,
+        phone_number=phone,
+        email_address=email,
+        channels=channels,
+        event_id=event_id,
+        grant_id=f"bench-{event_id[:12]}",
+    )
     return json.dumps(event).encode()
 
 

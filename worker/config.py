@@ -14,7 +14,7 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 VARIABLES: tuple[tuple[str, str], ...] = (
     ("AMQP_URL", "RabbitMQ URL, or a cluster's: URLs (or host:port) separated by commas"),
     ("IKW_NAMESPACE", "prefix of every exchange and queue (default instant_keys)"),
-    ("IKW_PREFETCH", "messages handled at once; sizes the HTTP pools too (default 512)"),
+    ("IKW_PREFETCH", "messages handled at once; sizes the HTTP pools too (default 1024)"),
     ("SEAM_ENDPOINT", "Seam API (default https://connect.getseam.com)"),
     ("SEAM_API_KEY", "Seam API key (required)"),
     ("TWILIO_ACCOUNT_SID", "Twilio account; any TWILIO_* turns SMS on"),
@@ -81,7 +81,7 @@ class Settings:
     amqp_url: str = field(default="amqp://guest:guest@localhost:5672/", repr=False)
     namespace: str = "instant_keys"
     # Enough to hide ~200 ms per Seam call at what one core can do (README, "Scaling").
-    prefetch: int = 512
+    prefetch: int = 1024
     seam_endpoint: str = "https://connect.getseam.com"
     seam_api_key: str = field(default="", repr=False)
     sms: SmsSettings | None = None

@@ -95,6 +95,8 @@ class Outcome:
     minted: bool = False
     deleted: int = 0
     provider_message_id: str | None = None
+    identity_id: str | None = None
+    created: bool = False  # the grant created the identity in Seam
 
 
 class Flows:
@@ -184,6 +186,8 @@ class Flows:
             key_id=key.instant_key_id,
             minted=minted,
             provider_message_id=sent_id,
+            identity_id=identity.user_identity_id,
+            created=created,
         )
 
     async def revoke(self, event: AccessRevoked) -> Outcome:
@@ -267,7 +271,8 @@ class Flows:
             email_address=email_address,
             phone_number=phone_number,
         )
-        log.info(
+        # The message's own line says so too (``created``); this one adds the masked contacts.
+        log.debug(
             "created user identity",
             extra={
                 "ctx": {

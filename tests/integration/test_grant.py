@@ -1,5 +1,6 @@
 """The whole job against a real broker and the stand-ins: grant, deliver, expire, revoke."""
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -50,7 +51,7 @@ async def test_grant_by_email_has_the_link_in_both_parts(
 
 
 async def test_unknown_identity_is_created_and_a_known_one_reused(
-    sandbox: Sandbox, start_worker: StartWorker, publish: Publish
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, log_lines: list[str]
 ) -> None:
     await start_worker()
     await publish(grant("guest-7", name="Ada Lovelace", phone="+14155550107"))
@@ -66,6 +67,17 @@ async def test_unknown_identity_is_created_and_a_known_one_reused(
     await wait_for(lambda: len(sandbox.twilio.outbox) == 3, 15, "three SMS")
     assert len(sandbox.seam.identities) == 1
     assert [r[1] for r in sandbox.seam.requests].count("/user_identities/create") == 1
+
+    # One line per message says what it did, the creation included.
+    def handled() -> list[dict[str, Any]]:
+        return [e for e in map(json.loads, log_lines) if e.get("action") == "granted"]
+
+    await wait_for(lambda: len(handled()) == 3, 5, "a line per message")
+    assert [(e["user_identity_id"], e.get("created")) for e in handled()] == [
+        (identity["user_identity_id"], True),
+        (identity["user_identity_id"], None),
+        (identity["user_identity_id"], None),
+    ]
 
 
 async def test_the_same_event_published_twice_mints_one_key(

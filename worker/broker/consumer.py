@@ -443,6 +443,8 @@ def _describe(outcome: Outcome) -> dict[str, Any]:
         "action": str(outcome.action),
         "channel": outcome.channel,
         "key_id": outcome.key_id,
+        "user_identity_id": outcome.identity_id,
+        "created": outcome.created or None,
         "deleted": outcome.deleted or None,
     }
     return {k: v for k, v in fields.items() if v is not None} | {"minted": outcome.minted}
@@ -458,4 +460,5 @@ def _held(message: AbstractIncomingMessage) -> bool:
 
 def _printable(text: str | None) -> str:
     """Producers choose ids and routing keys: keep them short and printable in logs."""
-    return "".join(c if c.isprintable() else "?" for c in (text or "-")[:128])
+    text = (text or "-")[:128]
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
