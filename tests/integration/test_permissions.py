@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 
 from tests.integration.conftest import AMQP_URL
 from worker.broker import topology
-from worker.broker.publisher import delay_routing_key
+from worker.broker.publisher import delay_routing_key, entry_level
 from worker.broker.topology import LEVELS, Names
 
 DEFINITIONS = Path(__file__).parents[2] / "deploy/rabbitmq/definitions.json"
@@ -338,16 +338,17 @@ async def test_worker_does_its_job_without_configure(
     # Passive declares, as with IKW_DECLARE=false.
     queues = {name: await channel.get_queue(name) for name in worker_queues(names)}
 
-    # Retries and cleanups enter the delay levels at the top; the broker does the rest.
+    # Retries and cleanups enter the delay levels at their delay's level; the broker does the
+    # rest.
     await publish(
         channel,
-        names.delay(LEVELS - 1),
-        delay_routing_key(1, names.cleanup),
+        names.delay(entry_level(2)),
+        delay_routing_key(2, names.cleanup),
         message(user, b"cleanup"),
     )
     await publish(
         channel,
-        names.delay(LEVELS - 1),
+        names.delay(entry_level(0)),
         delay_routing_key(0, names.grants),
         message(user, b"retry"),
     )
@@ -390,9 +391,9 @@ async def test_worker_may_not_configure_or_impersonate(
     )
     await refused(worker, lambda ch: _bind(ch, names.grants, names.exchange, "access.#"))
     await refused(worker, lambda ch: ch.queue_delete(names.grants))
-    # Only the top delay level: a lower one would be a shorter delay than the key says.
+    # The delay levels, not the exchange behind them, which would skip the wait.
     key = delay_routing_key(1, names.cleanup)
-    await refused(worker, lambda ch: publish(ch, names.delay(0), key, message(user)))
+    await refused(worker, lambda ch: publish(ch, names.deliver, key, message(user)))
     await refused(worker, lambda ch: _basic_get(ch, names.delay(0)))
     await refused(
         worker,

