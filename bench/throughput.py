@@ -91,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-listener",
         dest="listener",
         action="store_false",
-        help="bind no booking-system queue to the outcome events: they then fall to the "
-        "unroutable queue and the worker consumes them back (one more message per grant)",
+        help="bind no booking-system queue to the outcome events: only the topology's "
+        "<ns>.unheard takes them (and keeps none)",
     )
     parser.add_argument(
         "--floor-repeat", type=int, default=2000, help="repeats of each raw part (2000)"
@@ -185,9 +185,9 @@ def first_sms_times(outbox: StampedList) -> dict[str, float]:
 
 
 async def listen_to_outcomes(broker: Broker) -> None:
-    """A booking system's queue on the outcome events, as production has one: without it each
-    grant's ``access.delivered`` falls to the alternate exchange and the worker consumes it back
-    (outcome ``unheard``). It keeps nothing (x-max-length 0) and goes with our connection."""
+    """A booking system's queue on the outcome events, as production has one (without it the
+    topology's ``<ns>.unheard`` takes them). It keeps nothing (x-max-length 0) and goes with our
+    connection."""
     assert broker.channel is not None
     queue = await broker.channel.declare_queue(
         f"{broker.names.namespace}.bench_outcomes", exclusive=True, arguments={"x-max-length": 0}

@@ -82,7 +82,8 @@ class Action(StrEnum):
     REVOKED = "revoked"
     CLEANED_UP = "cleaned_up"
     CLEANUP_RESCHEDULED = "cleanup_rescheduled"
-    UNHEARD = "unheard"  # our own outcome event that no booking system listens to: dropped
+    # Our own outcome event back from the alternate exchange (a topology without <ns>.unheard).
+    UNHEARD = "unheard"
 
 
 @dataclass

@@ -44,6 +44,12 @@ class Names:
         """The main exchange's alternate exchange, and its queue, for events no queue takes."""
         return f"{self.namespace}.unroutable"
 
+    @property
+    def unheard(self) -> str:
+        """Bound to the worker's outcome events, keeping none: with no booking system listening,
+        the broker drops them here instead of handing them to the alternate exchange."""
+        return f"{self.namespace}.unheard"
+
     def delay(self, level: int) -> str:
         return f"{self.namespace}.delay.{level:02d}"
 
@@ -70,6 +76,7 @@ class Names:
             *self.work_queues,
             self.dead,
             self.unroutable,
+            self.unheard,
             self.fence,
             *(self.delay(n) for n in range(LEVELS)),
         ]

@@ -116,16 +116,33 @@ async def test_every_deletion_is_announced_with_why(
     no_secrets(listener, sandbox)
 
 
-async def test_with_nobody_listening_outcomes_are_dropped_not_dead_lettered(
+def unroutable_handled(service: Service, names: Names) -> float | None:
+    labels = {"queue": names.unroutable, "outcome": "acked"}
+    return service.metrics.registry.get_sample_value("ikw_messages_total", labels)
+
+
+async def test_with_nobody_listening_the_broker_drops_outcomes_without_the_worker(
     sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names, amqp: Any
 ) -> None:
     service = await start_worker()
     await publish(grant())
-    await wait_for(
-        lambda: service.metrics.registry.get_sample_value(
-            "ikw_messages_total", {"queue": names.unroutable, "outcome": "acked"}
-        ),
-        15,
-        "the unheard outcome to be dropped",
-    )
+    await wait_for(lambda: sandbox.twilio.outbox, 15, "the SMS")
+    await service.stop()  # whatever was in flight is done, or back in its queue
+
+    # access.delivered went to <ns>.unheard, which keeps nothing: not to the alternate
+    # exchange, where the worker would have taken it back.
+    assert unroutable_handled(service, names) is None
+    channel = await amqp.channel()
+    for queue in (names.unroutable, names.unheard, names.dead):
+        declared = await channel.declare_queue(queue, passive=True)
+        assert declared.declaration_result.message_count == 0, queue
+
+
+async def test_on_an_older_topology_without_the_sink_outcomes_are_still_dropped(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names, amqp: Any
+) -> None:
+    await (await amqp.channel()).queue_delete(names.unheard)
+    service = await start_worker(IKW_DECLARE="false")
+    await publish(grant())
+    await wait_for(lambda: unroutable_handled(service, names), 15, "the unheard outcome dropped")
     assert await drain(amqp, names.dead) == []

@@ -143,7 +143,8 @@ class Publisher:
 
     async def announce(self, outcome: Announcement) -> None:
         """An outcome event on the main exchange, routing key = its type, for booking systems
-        to bind to. With no queue bound it falls to the alternate exchange and is dropped."""
+        to bind to. With no booking system's queue bound, ``<ns>.unheard`` takes it and keeps
+        nothing."""
         try:
             await self.publish_event(
                 outcome.type, outcome.model_dump_json().encode(), str(uuid.uuid4())

@@ -13,6 +13,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, ExchangeType
 
+from worker.events import ANNOUNCEMENTS
 from worker.queues import DELIVERY_LIMIT, LEVELS, Names
 
 REVOKE_RETENTION = timedelta(days=30)
@@ -43,6 +44,12 @@ def plan(
         ("exchange", names.unroutable, {"type": "fanout"}),
         ("queue", names.unroutable, dict(quorum)),
         ("binding", names.unroutable, {"exchange": names.unroutable, "key": "#"}),
+        # The outcome events nobody listens to: kept by none, dropped by the broker.
+        ("queue", names.unheard, {"x-max-length": 0, "x-overflow": "drop-head"}),
+        *(
+            ("binding", names.unheard, {"exchange": names.exchange, "key": key})
+            for key in ANNOUNCEMENTS
+        ),
         ("exchange", names.deliver, {"type": "topic"}),
         ("queue", names.dead, dict(quorum)),
         (
