@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 
 import aio_pika
 import aiohttp
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 
@@ -76,23 +76,28 @@ async def phase(count: int, concurrency: int, one: Callable[[int], Awaitable[Non
     return cpu() - before
 
 
+async def publish(
+    channel: AbstractChannel, queue: str, body: bytes, message_id: str | None = None
+) -> None:
+    """One confirmed publish (persistent, mandatory) through the default exchange."""
+    message = aio_pika.Message(
+        body,
+        message_id=message_id,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+    await channel.default_exchange.publish(message, queue, mandatory=True)
+
+
 async def broker_parts(args: argparse.Namespace) -> dict[str, float]:
     connection = await aio_pika.connect(args.amqp_url)
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         queue = await channel.declare_queue(args.queue, durable=True)
         body = b"x" * args.body_bytes
-
-        async def publish(index: int) -> None:
-            message = aio_pika.Message(
-                body,
-                message_id=str(index),
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            )
-            await channel.default_exchange.publish(message, args.queue, mandatory=True)
-
-        published = await phase(args.repeat, args.concurrency, publish)
+        published = await phase(
+            args.repeat, args.concurrency, lambda i: publish(channel, args.queue, body, str(i))
+        )
 
         consuming = await connection.channel()
         await consuming.set_qos(prefetch_count=args.concurrency)
@@ -190,16 +195,8 @@ async def pipeline_part(args: argparse.Namespace) -> float:
         inbox = await publishing.declare_queue(f"{args.queue}.pipeline", durable=True)
         outbox = await publishing.declare_queue(f"{args.queue}.pipeline-out", durable=True)
         body = b"x" * args.body_bytes
-
-        async def publish(queue: str) -> None:
-            message = aio_pika.Message(
-                body,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            )
-            await publishing.default_exchange.publish(message, queue, mandatory=True)
-
-        await phase(args.repeat, args.concurrency, lambda i: publish(inbox.name))  # not counted
+        # Filling the inbox is not counted.
+        await phase(args.repeat, args.concurrency, lambda i: publish(publishing, inbox.name, body))
         consuming = await connection.channel()
         await consuming.set_qos(prefetch_count=args.concurrency)
         done = asyncio.Event()
@@ -210,9 +207,9 @@ async def pipeline_part(args: argparse.Namespace) -> float:
             started += 1
             index = started
             await seam.new_guest(f"p{index}")
-            await publish(outbox.name)
+            await publish(publishing, outbox.name, body)
             await sms.send(f"+1651{index:07d}")
-            await publish(outbox.name)
+            await publish(publishing, outbox.name, body)
             await message.ack()
             finished += 1
             if finished >= args.repeat:
