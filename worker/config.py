@@ -36,6 +36,7 @@ VARIABLES: tuple[tuple[str, str], ...] = (
     ("IKW_MESSAGE_DEADLINE", "one message's work; past it, it is retried later (default 2m)"),
     ("IKW_TRUSTED_PUBLISHERS", "broker users whose events count: name or name:key-prefix"),
     ("IKW_REVOKE_RETENTION", "how long revokes are remembered (default 30d)"),
+    ("IKW_MAX_CLOCK_SKEW", "refuse events that occurred this much after receipt (default 5m)"),
     ("IKW_DECLARE", "declare the topology at start (default true; false: check only)"),
     ("IKW_ALLOW_INSECURE", "allow plaintext or unverified transport to remote hosts"),
     ("SMTP_CA_FILE", "CA bundle for the SMTP server's certificate"),
@@ -94,6 +95,7 @@ class Settings:
     message_deadline: timedelta = timedelta(minutes=2)
     trusted_publishers: Publishers = field(default_factory=dict)
     revoke_retention: timedelta = timedelta(days=30)
+    max_clock_skew: timedelta = timedelta(minutes=5)
     declare: bool = True
     log_level: str = "info"
     templates_dir: Path | None = None
@@ -227,6 +229,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         message_deadline=r.duration("IKW_MESSAGE_DEADLINE", Settings.message_deadline),
         trusted_publishers=_publishers(r),
         revoke_retention=r.duration("IKW_REVOKE_RETENTION", Settings.revoke_retention),
+        max_clock_skew=r.duration("IKW_MAX_CLOCK_SKEW", Settings.max_clock_skew),
         declare=r.flag("IKW_DECLARE", Settings.declare),
         log_level=(r.text("IKW_LOG_LEVEL") or Settings.log_level).lower(),
         **guest_text(r),

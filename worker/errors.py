@@ -30,6 +30,7 @@ REASONS = frozenset(
         "wrong_queue",
         "key_identity_mismatch",
         "stale_grant",
+        "occurred_in_future",
         "unroutable",
         # RabbitMQ's own
         "delivery_limit",

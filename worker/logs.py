@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +24,22 @@ def mask_email(address: str | None) -> str:
         return "-"
     local, _, domain = address.rpartition("@")
     return f"{local[:1]}***@{domain}"
+
+
+# In free text: an address, a number written with a + (E.164 and its spaced forms), a quoted
+# string that is only a number of 7+ digits with separators, or a bare run of 7+ digits.
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_PHONE = re.compile(
+    r"\+\d[\d ().-]{5,}\d"
+    r"|(?<=\")\(?\d[\d ().-]{5,}\d(?=\")"
+    r"|(?<![\w.+-])\d{7,}(?![\w.-])"
+)
+
+
+def mask_contacts(text: str) -> str:
+    """``text`` with every email address and phone-like number in it masked, as in logs."""
+    text = _EMAIL.sub(lambda found: mask_email(found.group()), text)
+    return _PHONE.sub(lambda found: mask_phone(found.group()), text)
 
 
 _encode = json.JSONEncoder(default=str).encode  # one encoder, not one per line

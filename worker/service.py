@@ -196,7 +196,11 @@ class Service:
             self.names,
             flows,
             self.metrics,
-            limits=Limits(self.settings.max_attempts, self.settings.max_retry_age),
+            limits=Limits(
+                self.settings.max_attempts,
+                self.settings.max_retry_age,
+                self.settings.max_clock_skew,
+            ),
             trust=Trust(self.settings.broker_user, self.settings.trusted_publishers),
             deadline=self.settings.message_deadline,
             on_credentials_refused=self._credentials_refused,

@@ -29,6 +29,7 @@ from worker.broker.decision import (
     Retry,
     Settled,
     Trust,
+    check_clock,
     check_event,
     check_publisher,
     decide,
@@ -40,12 +41,14 @@ from worker.broker.publisher import Publisher
 from worker.errors import CredentialsRefused, Permanent, Transient
 from worker.events import (
     ANNOUNCEMENTS,
+    MAX_BODY_BYTES,
     AccessDeliveryFailed,
     AccessGranted,
     AccessRevoked,
     Event,
     KeyCleanup,
     KnownIdentity,
+    check_size,
     event_key,
     parse,
 )
@@ -165,6 +168,8 @@ class Consumer:
         # x-ikw-* headers are ours: from anyone but the worker's own user they are not read.
         own = message.user_id == self.trust.worker
         book = headers.read(message.headers) if own else Bookkeeping()
+        received_at = book.received_at or datetime.now(UTC)  # kept on every copy we publish
+        book = replace(book, received_at=received_at)
         producer = producer_of(message.user_id, book.publisher, self.trust)
         ctx: dict[str, Any] = {
             "queue": queue,
@@ -177,7 +182,7 @@ class Consumer:
         parsed: list[Event] = []
         try:
             try:
-                outcome = await self._work(queue, message, producer, ctx, parsed)
+                outcome = await self._work(queue, message, producer, received_at, ctx, parsed)
             except Exception as exc:
                 error = exc
             try:
@@ -214,9 +219,11 @@ class Consumer:
         queue: str,
         message: AbstractIncomingMessage,
         producer: str | None,
+        received_at: datetime,
         ctx: dict[str, Any],
         parsed: list[Event],
     ) -> Outcome:
+        check_size(message.body)  # first: a body over the limit is not even checked for trust
         takes = self._takes[queue]
         if takes is None:
             if message.user_id == self.trust.worker and message.routing_key in ANNOUNCEMENTS:
@@ -233,6 +240,7 @@ class Consumer:
         if span.is_recording():
             span.set_attributes(_event_attributes(event))
         check_event(takes, event, producer, self.trust)
+        check_clock(event, received_at, self.limits.max_clock_skew)
         # Measured from the parsed event, and only for a producer we trust: no second parse, and
         # nobody else can skew it.
         sent = event.occurred_at if isinstance(event, AccessGranted | AccessRevoked) else None
@@ -292,6 +300,8 @@ class Consumer:
             return await self._republish(queue, message, retry, Settled.RETRIED, decided)
         assert isinstance(decided, DeadLetter)
         now = datetime.now(UTC)
+        # A body over the limit is kept only in part: its headers and first bytes say what it was.
+        body = message.body[:MAX_BODY_BYTES]
         dead = Bookkeeping(
             routing_key=book.routing_key,
             publisher=book.publisher,
@@ -301,8 +311,12 @@ class Consumer:
             source_queue=queue,
             first_failed_at=book.first_failed_at or now,
             dead_lettered_at=now,
+            received_at=book.received_at,
+            truncated=len(message.body) if len(body) < len(message.body) else None,
         )
-        settled = await self._republish(self.names.dead, message, dead, Settled.DEAD_LETTERED)
+        settled = await self._republish(
+            self.names.dead, message, dead, Settled.DEAD_LETTERED, body=body
+        )
         if settled is Settled.DEAD_LETTERED:
             ctx.update(reason=decided.reason, error=decided.error)
             log.warning("dead-lettered", extra={"ctx": ctx})
@@ -316,8 +330,10 @@ class Consumer:
         book: Bookkeeping,
         done: Settled,
         retry: Retry | None = None,
+        body: bytes | None = None,
     ) -> Settled:
-        """A copy with ``book``'s headers, confirmed, then the original acked."""
+        """A copy with ``book``'s headers (and ``body``, else the original's), confirmed, then the
+        original acked."""
         properties: dict[str, Any] = {
             "headers": headers.foreign(message.headers) | headers.write(book),
             "message_id": message.message_id,
@@ -332,7 +348,9 @@ class Consumer:
             if retry is not None:
                 await self.publisher.delayed(target, message.body, retry.delay, **properties)
             else:
-                await self.publisher.to_queue(target, message.body, **properties)
+                await self.publisher.to_queue(
+                    target, message.body if body is None else body, **properties
+                )
         except BROKER_ERRORS as exc:
             log.warning(
                 "could not publish the %s copy (%s); leaving the message to the broker",

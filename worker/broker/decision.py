@@ -65,6 +65,7 @@ Decision = Ack | Leave | Requeue | Retry | DeadLetter
 class Limits:
     max_attempts: int
     max_retry_age: timedelta
+    max_clock_skew: timedelta = timedelta(minutes=5)
 
 
 def backoff(attempt: int, retry_after: float | None = None, jitter: float = 1.0) -> float:
@@ -176,6 +177,29 @@ def check_event(expects: str, event: Event, producer: str | None, trust: Trust) 
             + " or ".join(repr(p) for p in prefixes),
             reason="identity_out_of_scope",
         )
+
+
+def check_clock(event: Event, received_at: datetime, skew: timedelta) -> None:
+    """Refuse an event that says it occurred later than the worker first received it (plus the
+    skew allowed): the fence compares producers' times, and a time from the future would outlive
+    every revoke."""
+    if not isinstance(event, AccessGranted | AccessRevoked):
+        return
+    ahead = event.occurred_at - received_at
+    if ahead > skew:
+        raise Permanent(
+            f"occurred_at is {_span(ahead)} after the worker first received the event "
+            f"(IKW_MAX_CLOCK_SKEW allows {_span(skew)})",
+            reason="occurred_in_future",
+        )
+
+
+def _span(delta: timedelta) -> str:
+    seconds = delta.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _who(producer: str | None) -> str:

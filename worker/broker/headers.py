@@ -18,6 +18,8 @@ ERROR = "x-ikw-error"
 ATTEMPTS = "x-ikw-attempts"
 SOURCE_QUEUE = "x-ikw-source-queue"
 DEAD_LETTERED_AT = "x-ikw-dead-lettered-at"
+RECEIVED_AT = "x-ikw-received-at"
+TRUNCATED = "x-ikw-truncated"
 
 MAX_ATTEMPT = 100_000
 # Headers the broker adds when dead-lettering: a copy that keeps them would be seen as a
@@ -41,6 +43,11 @@ class Bookkeeping:
     attempts: int | None = None
     source_queue: str | None = None
     dead_lettered_at: datetime | None = None
+    # When the worker first received the message: a retry or a replay keeps it, so a producer's
+    # clock is judged against the first receipt, not the last.
+    received_at: datetime | None = None
+    # A dead letter cut to its first bytes (too_large): the original size. Never replayed.
+    truncated: int | None = None
 
 
 def read(headers: Mapping[str, Any] | None) -> Bookkeeping:
@@ -57,6 +64,8 @@ def read(headers: Mapping[str, Any] | None) -> Bookkeeping:
         attempts=_count(h.get(ATTEMPTS)),
         source_queue=_text(h.get(SOURCE_QUEUE)),
         dead_lettered_at=moment(h.get(DEAD_LETTERED_AT)),
+        received_at=moment(h.get(RECEIVED_AT)),
+        truncated=_size(h.get(TRUNCATED)),
     )
 
 
@@ -82,6 +91,8 @@ def write(book: Bookkeeping) -> dict[str, Any]:
         ATTEMPTS: book.attempts,
         SOURCE_QUEUE: book.source_queue,
         DEAD_LETTERED_AT: book.dead_lettered_at.isoformat() if book.dead_lettered_at else None,
+        RECEIVED_AT: book.received_at.isoformat() if book.received_at else None,
+        TRUNCATED: book.truncated,
     }
     return {key: value for key, value in fields.items() if value is not None}
 
@@ -90,16 +101,18 @@ def for_replay(
     headers: Mapping[str, Any] | None, user_id: str | None, worker: str
 ) -> dict[str, Any]:
     """A dead letter's headers for its replay: the producer's own, where it was first published
-    and by whom; the failure bookkeeping is dropped, so the replay starts at attempt 1. Our
+    and by whom, when it was first received; the failure bookkeeping is dropped, so the replay
+    starts at attempt 1. Our
     headers are read only on a dead letter the worker wrote: one the broker dead-lettered keeps
     the producer the broker named."""
     if user_id == worker:
         book = read(headers)
-        routing_key, publisher = book.routing_key, book.publisher
+        routing_key, publisher, received_at = book.routing_key, book.publisher, book.received_at
     else:
-        routing_key, publisher = None, user_id or ""
+        routing_key, publisher, received_at = None, user_id or "", None
     routing_key = routing_key or _first_death_routing_key(headers or {})
-    return foreign(headers) | write(Bookkeeping(routing_key=routing_key, publisher=publisher))
+    kept = Bookkeeping(routing_key=routing_key, publisher=publisher, received_at=received_at)
+    return foreign(headers) | write(kept)
 
 
 def _first_death_routing_key(headers: Mapping[str, Any]) -> str | None:
@@ -128,6 +141,12 @@ def _count(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         return None
     return value if 1 <= value <= MAX_ATTEMPT else None
+
+
+def _size(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if value > 0 else None
 
 
 def moment(value: object) -> datetime | None:

@@ -73,7 +73,7 @@ async def _show(
             print()
         suffix = f" ({number} of {len(matches)} with this id)" if len(matches) > 1 else ""
         print(f"dead letter {letter.id}{suffix}")
-        print(details(letter, full=args.full))
+        print(details(letter, full=args.full, reveal=args.reveal))
     return 0
 
 
@@ -213,6 +213,11 @@ async def _replay_one(publisher: Publisher, letter: DeadLetter) -> str | None:
     if letter.source not in publisher.names.work_queues:
         source = letter.source or "unknown"
         return f"{letter.id}: its source queue ({source}) is not a work queue of this namespace"
+    if letter.truncated:
+        return (
+            f"{letter.id}: its body was cut to {len(letter.message.body)} of {letter.truncated} "
+            "bytes when dead-lettered (too_large); it cannot be replayed"
+        )
     message = letter.message
     try:
         await publisher.to_queue(
@@ -294,6 +299,9 @@ def add_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     show.add_argument("id", metavar="ID")
     show.add_argument(
         "--full", action="store_true", help=f"the whole body (default: its first {BODY_CHARS})"
+    )
+    show.add_argument(
+        "--reveal", action="store_true", help="phone numbers and emails in full (default: masked)"
     )
 
     replay = action(

@@ -41,6 +41,7 @@ class DeadLetter:
     attempts: int | None
     dead_at: datetime | None
     error: str
+    truncated: int | None = None  # the original size of a body cut when dead-lettered
 
     @property
     def fingerprint(self) -> str:
@@ -79,6 +80,7 @@ def describe(message: AbstractIncomingMessage, worker: str) -> DeadLetter:
         attempts=attempts if isinstance(attempts, int) else None,
         dead_at=dead_at,
         error=one_line(error),
+        truncated=book.truncated,
     )
 
 

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from worker.dlq.read import DeadLetter
+from worker.logs import mask_contacts
 
 BODY_CHARS = 4000
 
@@ -39,7 +40,8 @@ def table(letters: list[DeadLetter]) -> str:
     return "\n".join("  ".join([*map(str.ljust, row, widths), row[-1]]) for row in rows)
 
 
-def details(letter: DeadLetter, *, full: bool = False) -> str:
+def details(letter: DeadLetter, *, full: bool = False, reveal: bool = False) -> str:
+    """Phone numbers and email addresses in headers and body are masked unless ``reveal``."""
     message = letter.message
     lines = [
         f"reason:           {letter.reason}",
@@ -49,13 +51,19 @@ def details(letter: DeadLetter, *, full: bool = False) -> str:
         f"dead-lettered at: {stamp(letter.dead_at)}",
         f"message_id:       {_plain(message.message_id or '-')}",
         f"content_type:     {_plain(message.content_type or '-')}",
-        "headers:",
     ]
+    if letter.truncated:
+        lines.append(
+            f"truncated:        only the first {len(message.body)} of {letter.truncated} bytes "
+            "were kept; it cannot be replayed"
+        )
+    lines.append("headers:")
     headers = message.headers or {}
     # x-delivery-count only counts how often the dead queue was read (by this command too).
     for key in sorted(k for k in headers if k != "x-delivery-count"):
         lines.extend(_header_lines(key, headers[key]))
-    return "\n".join([*lines, *_body_lines(message.body, full=full)])
+    shown = "\n".join([*lines, *_body_lines(message.body, full=full)])
+    return shown if reveal else mask_contacts(shown)
 
 
 def _header_lines(key: str, value: object) -> list[str]:
