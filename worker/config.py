@@ -276,7 +276,8 @@ def guest_text(r: "_Reader") -> dict[str, Any]:
     if name is not None:
         if len(name) > MAX_PROPERTY_NAME or not clean_property_name(name):
             r.problems.append(
-                f"IKW_PROPERTY_NAME: must be 1 to {MAX_PROPERTY_NAME} visible characters"
+                f"IKW_PROPERTY_NAME: must be 1 to {MAX_PROPERTY_NAME} visible characters, "
+                "with no link, email address or phone number"
             )
         else:
             found["property_name"] = clean_property_name(name)

@@ -79,14 +79,26 @@ def _visible(text: str) -> str:
 MAX_PROPERTY_NAME = 80
 
 
+# What would let a property's name send the guest elsewhere: a link or host name (``evil.example``,
+# ``www.``, ``://``, also with an ideographic full stop), an email address (``@``), or a run of 7
+# digits or more that may be split by spaces, dots, hyphens, slashes or brackets (a phone number).
+_ELSEWHERE = re.compile(
+    r"://|www[.\u3002]|@|[^\W_][.\u3002][^\W\d_]{2}|\d(?:[\s().+/-]*\d){6}", re.IGNORECASE
+)
+
+
 def clean_property_name(raw: str | None) -> str | None:
-    """The property's name as a guest may read it, or None when nothing is left.
+    """The property's name as a guest may read it, or None when nothing usable is left.
 
     It comes from a trusted producer or the operator, so digits, ``&`` and the like stay; what
     goes is what no message should carry: control, format and invisible characters (NFKC
-    first), runs of whitespace (one space each). Cut at ``MAX_PROPERTY_NAME`` characters."""
+    first), runs of whitespace (one space each). Cut at ``MAX_PROPERTY_NAME`` characters. A name
+    holding a link, an address or a phone number is unusable, as a guest's name would be: the
+    message would put it ahead of the key's own link."""
     if raw is None:
         return None
     text = _visible(unicodedata.normalize("NFKC", _visible(raw)))
     text = " ".join(text.split())[:MAX_PROPERTY_NAME].rstrip()
+    if _ELSEWHERE.search(text) or any(char in _LOOKALIKES for char in text):
+        return None
     return text or None

@@ -14,6 +14,7 @@ from worker.broker.decision import (
     Retry,
     Trust,
     backoff,
+    check_clock,
     check_event,
     check_publisher,
     decide,
@@ -208,3 +209,40 @@ def test_a_prefixed_producer_names_only_keys_with_its_prefix() -> None:
     )
     # An unscoped producer may name any identity, by key or by id.
     check_event("access.granted", by_id, "booking", TRUST)
+
+
+# --- the producers' clocks ------------------------------------------------------------------
+
+SKEW = timedelta(minutes=5)
+
+
+def at(moment: datetime, raw: dict[str, object]) -> Event:
+    return event(raw | {"occurred_at": moment.isoformat()})
+
+
+def test_an_event_from_further_ahead_than_the_skew_is_refused() -> None:
+    for raw in (grant("g"), revoke("g")):
+        future = at(NOW + timedelta(days=3650), raw)
+        assert refusal(check_clock, future, NOW, SKEW) == "occurred_in_future"
+        assert refusal(check_clock, at(NOW + SKEW + timedelta(seconds=1), raw), NOW, SKEW) == (
+            "occurred_in_future"
+        )
+        check_clock(at(NOW + SKEW, raw), NOW, SKEW)  # within the skew: a clock that drifts
+        check_clock(at(NOW - timedelta(days=1), raw), NOW, SKEW)  # the past is fine
+
+
+def test_the_refusal_says_how_far_ahead() -> None:
+    with pytest.raises(Permanent) as caught:
+        check_clock(at(NOW + timedelta(days=3650), grant("g")), NOW, SKEW)
+    assert str(caught.value) == (
+        "occurred_at is 3650.0d after the worker first received the event "
+        "(IKW_MAX_CLOCK_SKEW allows 5.0m)"
+    )
+
+
+def test_the_first_receipt_counts_not_the_retry() -> None:
+    # Received an hour ago, dated 30 minutes ago: in the future when it arrived.
+    received = NOW - timedelta(hours=1)
+    late = at(NOW - timedelta(minutes=30), grant("g"))
+    assert refusal(check_clock, late, received, SKEW) == "occurred_in_future"
+    check_clock(late, NOW, SKEW)

@@ -4,7 +4,7 @@ import unicodedata
 
 import pytest
 
-from worker.guest_name import MAX_LENGTH, MAX_WORDS, clean_name
+from worker.guest_name import MAX_LENGTH, MAX_WORDS, clean_name, clean_property_name
 
 
 @pytest.mark.parametrize(
@@ -103,3 +103,30 @@ def test_length_and_word_limits() -> None:
     assert clean_name(" ".join(["Ana"] * (MAX_WORDS + 1))) is None
     # the limit applies to what is left, not to what was removed
     assert clean_name("\u200b" * 500 + "Ada") == "Ada"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Hôtel Bellevue", "Hotel 5\u2605", "Suite 1200, Floor 12", "B&B St. Moritz", "No.10 Inn"],
+)
+def test_a_property_name_keeps_digits_and_symbols(name: str) -> None:
+    assert clean_property_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Bellevue https://evil.example/k",
+        "Bellevue www.evil.com",
+        "evil.example",
+        "evil\u3002example",  # an ideographic full stop
+        "evil\uff0eexample",  # a fullwidth one (NFKC makes it a full stop)
+        "Bellevue \ua4f8 example",
+        "Bellevue, write to desk@bellevue",
+        "Bellevue +1 415 555 0100",
+        "Bellevue (415) 555-0100",
+        "Bellevue 4155550100",
+    ],
+)
+def test_a_link_an_address_or_a_phone_number_makes_a_property_name_unusable(name: str) -> None:
+    assert clean_property_name(name) is None

@@ -22,6 +22,8 @@ def test_what_is_written_reads_back() -> None:
         attempts=3,
         source_queue="instant_keys.grants",
         dead_lettered_at=WHEN,
+        received_at=WHEN,
+        truncated=10_485_760,
     )
     assert headers.read(headers.write(book)) == book
 
@@ -62,6 +64,7 @@ def test_a_replay_restarts_at_attempt_one_and_keeps_who_and_where() -> None:
             publisher="booking",
             reason="retries_exhausted",
             source_queue="q",
+            received_at=WHEN,
         )
     ) | {"traceparent": "t"}
     replayed = headers.for_replay(dead, "ikw", "ikw")
@@ -69,6 +72,7 @@ def test_a_replay_restarts_at_attempt_one_and_keeps_who_and_where() -> None:
         "traceparent": "t",
         headers.ROUTING_KEY: "access.granted",
         headers.PUBLISHER: "booking",
+        headers.RECEIVED_AT: WHEN.isoformat(),  # its clock is judged by its first receipt
     }
 
 
@@ -78,3 +82,14 @@ def test_a_dead_letter_the_broker_wrote_keeps_the_producer_it_named() -> None:
     replayed = headers.for_replay(forged, "mallory", "ikw")
     assert replayed[headers.PUBLISHER] == "mallory"
     assert headers.for_replay(forged, None, "ikw")[headers.PUBLISHER] == ""
+
+
+def test_a_producer_cannot_date_its_own_receipt() -> None:
+    forged = {headers.RECEIVED_AT: "2036-01-01T00:00:00+00:00"}
+    assert headers.RECEIVED_AT not in headers.for_replay(forged, "mallory", "ikw")
+    assert headers.RECEIVED_AT not in headers.foreign(forged)
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "65536", 2.5])
+def test_a_hostile_truncated_size_reads_as_absent(value: object) -> None:
+    assert headers.read({headers.TRUNCATED: value}).truncated is None

@@ -411,6 +411,7 @@ def test_settings_read_the_templates_time_zone_and_property(tmp_path: Path) -> N
         ({"IKW_TIME_ZONE": "Europe/Pariss"}, "IKW_TIME_ZONE: 'Europe/Pariss': not a time zone"),
         ({"IKW_TIME_ZONE": "+01:00"}, "IKW_TIME_ZONE: '+01:00': must be an IANA time zone name"),
         ({"IKW_PROPERTY_NAME": "x" * 81}, "IKW_PROPERTY_NAME: must be 1 to 80 visible characters"),
+        ({"IKW_PROPERTY_NAME": "Inn +1 415 555 0100"}, "IKW_PROPERTY_NAME: must be 1 to 80"),
         ({"IKW_TEMPLATES_DIR": "/nonexistent/ikw"}, "IKW_TEMPLATES_DIR: /nonexistent/ikw is not a"),
     ],
 )
