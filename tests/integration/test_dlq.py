@@ -510,3 +510,46 @@ async def test_show_cuts_a_long_body_unless_full(amqp: Connection, names: Names,
     assert code == 0
     assert '"a' + "a" * 69_999 + '"' in out
     assert "not shown" not in out
+
+
+async def test_show_masks_contacts_unless_revealed(
+    amqp: Connection, names: Names, ikw: Ikw
+) -> None:
+    event = grant(phone="+14155550100", email="ada.lovelace@example.com")
+    event["user_identity"]["full_name"] = "Ada, call +44 20 7946 0958"
+    await dead(amqp, names, "no_channel_accepted", "evt-contacts", body(event))
+
+    code, out, _ = await ikw("show", "evt-contacts")
+    assert code == 0
+    assert '"phone_number": "+1********00"' in out
+    assert '"email_address": "a***@example.com"' in out
+    assert '"full_name": "Ada, call +4************58"' in out
+    assert "4155550100" not in out and "ada.lovelace" not in out and "7946" not in out
+    assert f'"event_id": "{event["event_id"]}"' in out  # ids are not contacts
+
+    code, out, _ = await ikw("show", "evt-contacts", "--reveal")
+    assert code == 0
+    assert '"phone_number": "+14155550100"' in out and "ada.lovelace@example.com" in out
+
+
+async def test_a_body_over_the_limit_is_kept_cut_and_never_replayed(
+    start_worker: StartWorker, publish: Publish, amqp: Connection, names: Names, ikw: Ikw
+) -> None:
+    await start_worker()
+    raw = body(grant() | {"pad": "x" * 1_000_000})
+    await publish(raw, "access.granted", message_id="evt-huge")
+    await holds(amqp, names.dead, 1)
+
+    code, out, _ = await ikw("show", "evt-huge")
+    assert code == 0
+    assert "reason:           too_large\n" in out
+    assert f"truncated:        only the first 65536 of {len(raw)} bytes were kept" in out
+    assert f"  x-ikw-truncated: {len(raw)}\n" in out
+
+    code, out, _ = await ikw("replay", "evt-huge", "--yes")
+    assert code == 1
+    assert out == (
+        f"failed: evt-huge: its body was cut to 65536 of {len(raw)} bytes when dead-lettered "
+        "(too_large); it cannot be replayed\nreplayed 0, failed 1\n"
+    )
+    assert await depth(amqp, names.dead) == 1

@@ -213,6 +213,9 @@ class Consumer:
         finally:
             self.metrics.in_flight.dec()
             self.metrics.seconds.labels(queue).observe(time.monotonic() - started)
+            # The error's traceback holds this frame, which holds the error: a cycle that would
+            # keep the message (its body: up to the broker's max_message_size) until a full GC.
+            error = None
 
     async def _work(
         self,

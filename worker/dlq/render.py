@@ -5,6 +5,7 @@ from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
+from worker.broker.headers import foreign
 from worker.dlq.read import DeadLetter
 from worker.logs import mask_contacts
 
@@ -41,7 +42,8 @@ def table(letters: list[DeadLetter]) -> str:
 
 
 def details(letter: DeadLetter, *, full: bool = False, reveal: bool = False) -> str:
-    """Phone numbers and email addresses in headers and body are masked unless ``reveal``."""
+    """Phone numbers and email addresses in the body and the producer's own headers are masked
+    unless ``reveal`` (the worker's headers hold none)."""
     message = letter.message
     lines = [
         f"reason:           {letter.reason}",
@@ -59,11 +61,14 @@ def details(letter: DeadLetter, *, full: bool = False, reveal: bool = False) -> 
         )
     lines.append("headers:")
     headers = message.headers or {}
+    producers = foreign(headers)
+    masked = (lambda text: text) if reveal else mask_contacts
     # x-delivery-count only counts how often the dead queue was read (by this command too).
     for key in sorted(k for k in headers if k != "x-delivery-count"):
-        lines.extend(_header_lines(key, headers[key]))
-    shown = "\n".join([*lines, *_body_lines(message.body, full=full)])
-    return shown if reveal else mask_contacts(shown)
+        shown = _header_lines(key, headers[key])
+        lines.extend(map(masked, shown) if key in producers else shown)
+    heading, *body = _body_lines(message.body, full=full)
+    return "\n".join([*lines, heading, *map(masked, body)])
 
 
 def _header_lines(key: str, value: object) -> list[str]:
