@@ -1,5 +1,5 @@
-"""Bounded by size, not by goodwill: bodies far over the limit leave the worker's memory as they
-came, are dead-lettered cut to 64 KiB and are never replayed."""
+"""Bounded by size and shape, not by goodwill: bodies far over the limit leave the worker's memory
+as they came and are dead-lettered cut to 64 KiB; a property's name sends the guest nowhere."""
 
 import re
 from collections.abc import Awaitable, Callable
@@ -7,15 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import pytest
 
+from tests.builders import grant
 from tests.integration.conftest import AMQP_URL, WorkerProcess, dead_letters
 from worker.broker import headers
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.events import MAX_BODY_BYTES
 from worker.sandbox import wait_for
+from worker.sandbox.all import Sandbox
+from worker.service import Service
 
 Connection = aio_pika.abc.AbstractRobustConnection
+StartWorker = Callable[..., Awaitable[Service]]
+Publish = Callable[..., Awaitable[None]]
 BIG = 10 * 1024 * 1024
 COUNT = 20
 
@@ -59,3 +65,28 @@ async def test_twenty_bodies_of_ten_mib_leave_memory_bounded(
     # Before, each body stayed for good (a reference cycle through the refusal's traceback): 74
     # MiB became 275 here. The peak depends on how fast the worker drains its socket.
     assert after["VmRSS"] - before["VmRSS"] < 64, (before, after)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "Bellevue: first open https://evil.example/k",
+        "Bellevue, front desk +1 415 555 0199",
+        "Bellevue (desk 415-555-0199)",
+        "Bellevue evil\u3002example",
+    ],
+)
+async def test_a_link_or_a_phone_number_in_the_property_name_never_reaches_the_sms(
+    hostile: str, sandbox: Sandbox, start_worker: StartWorker, publish: Publish
+) -> None:
+    await start_worker(IKW_PROPERTY_NAME="Hotel Bellevue")
+    event = grant(channels=("sms",))
+    event["delivery"]["property_name"] = hostile
+    await publish(event)
+
+    await wait_for(lambda: sandbox.twilio.outbox, 15, "the SMS")
+    [sms] = sandbox.twilio.outbox
+    [key] = sandbox.seam.issued
+    assert sms["body"].startswith("Hi Ada Lovelace, here is your key for Hotel Bellevue: ")
+    assert key["instant_key_url"] in sms["body"]
+    assert "evil" not in sms["body"] and "0199" not in sms["body"]
