@@ -92,6 +92,8 @@ def test_broker_refuses_big_messages() -> None:
     conf = (DEPLOY / "rabbitmq/rabbitmq.conf").read_text()
     [size] = re.findall(r"^max_message_size = (\d+)$", conf, re.MULTILINE)
     assert 64 * 1024 < int(size) <= 1024 * 1024  # above the worker's own limit, far below 128 MiB
+    # ... and the brokers set up by hand (Kubernetes) are told the same.
+    assert f"`max_message_size = {size}`" in (DEPLOY / "README.md").read_text()
 
 
 def test_kubernetes_secret_keys() -> None:
