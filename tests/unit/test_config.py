@@ -26,6 +26,7 @@ def problems(env: dict[str, str]) -> str:
         ("IKW_MAX_ATTEMPTS", "-3"),
         ("IKW_MIN_KEY_LIFETIME", "soon"),
         ("IKW_MAX_RETRY_AGE", "1 week"),
+        ("IKW_MAX_CLOCK_SKEW", "a bit"),
         ("IKW_HTTP_PORT", "70000"),
         ("IKW_NAMESPACE", "has spaces"),
         ("SMTP_TLS", "ssl"),
@@ -130,6 +131,11 @@ SMS = {
     "TWILIO_FROM": "+15005550006",
 }
 SMTP_LOGIN = {"SMTP_USERNAME": "mailer", "SMTP_PASSWORD": "hunter2"}
+
+
+def test_the_clock_skew_is_a_duration_of_five_minutes_by_default() -> None:
+    assert load(BASE).max_clock_skew == timedelta(minutes=5)
+    assert load(BASE | {"IKW_MAX_CLOCK_SKEW": "30s"}).max_clock_skew == timedelta(seconds=30)
 
 
 @pytest.mark.parametrize(
