@@ -7,6 +7,7 @@ from importlib import metadata
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
+from worker.broker.decision import Ack, Decision, Retry
 from worker.errors import REASONS
 
 # From a tenth of a second to an hour: a healthy backlog is seconds; an alert is minutes.
@@ -53,6 +54,13 @@ class Metrics:
             buckets=WAIT_BUCKETS,
             registry=r,
         )
+        self.retry_age = Gauge(
+            "ikw_retry_age_seconds",
+            "How long the last message retried from this queue has been failing; 0 once a "
+            "message that had failed is done. Revokes and cleanups wait for Seam for ever.",
+            ["queue"],
+            registry=r,
+        )
         self.in_flight = Gauge("ikw_in_flight", "Messages being handled now", registry=r)
         self.ready = Gauge("ikw_ready", "1 when consuming, 0 when paused or stopping", registry=r)
         self.credentials = Gauge(
@@ -72,6 +80,14 @@ class Metrics:
             self._services.add(service)
         for known in self._services:
             self.credentials.labels(known).set(float(known == service))
+
+    def waited(self, queue: str, decided: Decision, first_failed_at: datetime | None) -> None:
+        """Keep ``ikw_retry_age_seconds`` for ``queue``: the age of a retry, 0 after a success."""
+        if isinstance(decided, Retry):
+            age = (datetime.now(UTC) - decided.first_failed_at).total_seconds()
+            self.retry_age.labels(queue).set(max(age, 0.0))
+        elif isinstance(decided, Ack) and first_failed_at is not None:
+            self.retry_age.labels(queue).set(0.0)
 
     def observe_wait(
         self, queue: str, message: AbstractIncomingMessage, occurred_at: datetime | None = None

@@ -157,3 +157,30 @@ async def test_two_worker_processes_racing_grants_and_revokes_leave_no_live_key(
     for key in guests:
         assert live_keys(sandbox, key) == [], f"{key} still holds a working key"
     assert await drain(amqp, names.dead) == []
+
+
+async def test_a_revoke_made_while_seam_is_down_fences_at_once_and_waits_for_seam(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names, amqp: Any
+) -> None:
+    # Limits that would have dead-lettered the revoke within seconds.
+    service = await start_worker(IKW_MAX_ATTEMPTS="2", IKW_MAX_RETRY_AGE="2s")
+    await publish(grant("guest-1", occurred_at=at(60)))
+    await wait_for(lambda: sandbox.twilio.outbox, 15, "the booking's SMS")
+    [key] = live_keys(sandbox, "guest-1")
+
+    sandbox.seam.fail_rate = 1.0  # Seam is down: every call answers 503
+    await publish(revoke("guest-1") | {"occurred_at": at(30)})
+    await wait_for(lambda: settled(service, names.revocations, "retried") >= 3, 30, "3 retries")
+    # An older grant arriving meanwhile is fenced without asking Seam anything.
+    await publish(grant("guest-1", occurred_at=at(45)))
+    await wait_for(lambda: settled(service, names.grants, "revoked") == 1, 15, "the fenced grant")
+    retry_age = service.metrics.registry.get_sample_value(
+        "ikw_retry_age_seconds", {"queue": names.revocations}
+    )
+    assert retry_age is not None and retry_age > 0
+
+    sandbox.seam.fail_rate = 0.0
+    await wait_for(lambda: settled(service, names.revocations, "acked") == 1, 30, "the revoke")
+    assert sandbox.seam.live_keys(key["user_identity_id"]) == []
+    assert len(sandbox.twilio.outbox) == 1  # the first booking's SMS, nothing after the revoke
+    assert await drain(amqp, names.dead) == []

@@ -6,6 +6,7 @@ import pytest
 
 from tests.builders import body, grant, revoke
 from worker.broker.decision import (
+    PATIENT_BACKOFF,
     Ack,
     DeadLetter,
     Leave,
@@ -85,6 +86,26 @@ def test_past_max_attempts_a_transient_failure_is_dead_lettered() -> None:
 def test_past_max_retry_age_a_transient_failure_is_dead_lettered() -> None:
     result = decided(Transient("503"), attempt=2, first_failed_at=NOW - timedelta(hours=2))
     assert isinstance(result, DeadLetter) and result.reason == "retries_exhausted"
+
+
+def test_a_revoke_or_cleanup_waits_for_seam_however_long_it_is_away() -> None:
+    long_ago = NOW - timedelta(days=3)
+    error = Transient("seam answered 503")
+    result = decided(error, attempt=400, first_failed_at=long_ago, patient=True)
+    assert isinstance(result, Retry)
+    assert result.attempt == 401 and result.first_failed_at == long_ago
+    assert result.delay == PATIENT_BACKOFF  # capped: it comes back within minutes of Seam
+
+
+def test_a_waiting_revoke_still_honours_a_longer_retry_after() -> None:
+    error = Transient("seam answered 429", retry_after=900)
+    result = decided(error, attempt=50, patient=True)
+    assert isinstance(result, Retry) and result.delay == 900
+
+
+def test_a_revoke_refused_for_good_is_still_dead_lettered() -> None:
+    error = Permanent("the event is invalid", reason="invalid_event")
+    assert decided(error, patient=True) == DeadLetter("invalid_event", "the event is invalid")
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,10 @@ class Consumer:
         self.tracer = tracer or tracing.tracer()
         # Queue -> the message type it takes; None for the main exchange's unroutable events.
         self._takes: dict[str, str | None] = {**names.takes, names.unroutable: None}
+        # Revokes and cleanups wait for Seam, however long: a key must not outlive them.
+        self._patient = {names.revocations, names.cleanup}
+        for queue in self._patient:
+            metrics.retry_age.labels(queue)  # exported from the start, at 0
         self._queues: dict[str, AbstractQueue] = {}
         self._tags: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -193,7 +197,9 @@ class Consumer:
                     first_failed_at=book.first_failed_at,
                     now=datetime.now(UTC),
                     limits=self.limits,
+                    patient=queue in self._patient,
                 )
+                self.metrics.waited(queue, decided, book.first_failed_at)
                 settled = await asyncio.shield(
                     self._carry_out(decided, queue, message, book, producer, error, ctx)
                 )

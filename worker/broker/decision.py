@@ -13,6 +13,8 @@ from worker.errors import Abandoned, CredentialsRefused, Permanent, Transient
 from worker.events import AccessGranted, AccessRevoked, Event
 
 MAX_BACKOFF = 3600.0
+# Revokes and cleanups wait for Seam however long it is away: retried at least this often.
+PATIENT_BACKOFF = 300.0
 GRANTED, REVOKED, CLEANUP = "access.granted", "access.revoked", "instant_key.cleanup"
 
 
@@ -83,9 +85,12 @@ def decide(
     first_failed_at: datetime | None,
     now: datetime,
     limits: Limits,
+    patient: bool = False,
     jitter: float | None = None,
 ) -> Decision:
-    """The one decision for a handled message, from the exception's type alone."""
+    """The one decision for a handled message, from the exception's type alone. ``patient``
+    (revokes and cleanups): a transient failure is retried for as long as it lasts, never
+    dead-lettered, at most PATIENT_BACKOFF apart; a key would otherwise outlive its revoke."""
     if error is None:
         return Ack()
     if isinstance(error, Abandoned) or not held:
@@ -95,13 +100,17 @@ def decide(
     if isinstance(error, Permanent):
         return DeadLetter(error.reason, one_line(error))
     first = first_failed_at or now
-    if attempt >= limits.max_attempts or now - first >= limits.max_retry_age:
+    exhausted = attempt >= limits.max_attempts or now - first >= limits.max_retry_age
+    if exhausted and not patient:
         return DeadLetter(
             "retries_exhausted", f"gave up after {attempt} attempts: {one_line(error)}"
         )
     retry_after = error.retry_after if isinstance(error, Transient) else None
     spread = random.uniform(0.5, 1.0) if jitter is None else jitter
-    return Retry(backoff(attempt, retry_after, spread), attempt + 1, first, one_line(error))
+    delay = backoff(attempt, retry_after, spread)
+    if patient:
+        delay = min(delay, max(PATIENT_BACKOFF, retry_after or 0.0))
+    return Retry(delay, attempt + 1, first, one_line(error))
 
 
 def one_line(exc: BaseException) -> str:
