@@ -125,9 +125,7 @@ async def declare(
             await exchanges[name].bind(exchanges[details["exchange"]], details["key"])
 
 
-async def check(
-    channel: AbstractChannel, names: Names, producers: Sequence[str] = ()
-) -> list[str]:
+async def check(channel: AbstractChannel, names: Names, producers: Sequence[str] = ()) -> list[str]:
     """Names of the exchanges and queues that are missing (passive declares)."""
     missing = []
     for kind, name, _ in plan(names, producers=producers):
