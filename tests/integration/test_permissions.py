@@ -320,11 +320,11 @@ async def test_no_producer_forges_outcomes_or_reads_another_s(
     # A queue whose dead letters go into the namespace; or its own queue redeclared so.
     for exchange in (names.exchange, names.outcomes):
         dlx = {"x-dead-letter-exchange": exchange, "x-dead-letter-routing-key": forged}
-        await refused(producer, lambda ch: ch.declare_queue("mine", arguments=dlx))
-        await refused(producer, lambda ch: ch.declare_queue(own, durable=True, arguments=dlx))
+        await refused(producer, partial(_declare, "mine", dlx))
+        await refused(producer, partial(_declare, own, dlx))
     # Its own queue bound to another producer's outcomes, or to all of them.
     for key in (f"{broker.user(RIVAL)}.#", "#", "*.access.delivered"):
-        await refused(producer, lambda ch: _bind(ch, own, names.outcomes, key))
+        await refused(producer, partial(_bind_to, own, names.outcomes, key))
     # Outcomes published directly, on the outcomes exchange or on the main one.
     for exchange, key in [
         (names.outcomes, forged),
@@ -353,6 +353,14 @@ async def test_each_producer_reads_its_own_outcome_queue_only(
         [got] = await take(await channel.get_queue(broker.outcomes_of(name)))
         assert got.routing_key == f"{broker.user(name)}.access.delivered"
     await nothing_got_through(broker, admin)
+
+
+async def _declare(queue: str, arguments: dict[str, Any], channel: AbstractChannel) -> None:
+    await channel.declare_queue(queue, durable=True, arguments=arguments)
+
+
+async def _bind_to(queue: str, exchange: str, key: str, channel: AbstractChannel) -> None:
+    await _bind(channel, queue, exchange, key)
 
 
 async def _bind_exchange(destination: str, source: str, key: str, channel: AbstractChannel) -> None:
