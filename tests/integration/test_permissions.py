@@ -21,10 +21,16 @@ import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from tests import builders
+from tests.builders import grant
 from tests.integration.conftest import AMQP_URL
+from worker import config
 from worker.broker import topology
-from worker.broker.publisher import delay_routing_key, entry_level
+from worker.broker.publisher import Publisher, delay_routing_key, entry_level
 from worker.broker.topology import LEVELS, Names
+from worker.sandbox import changed, wait_for
+from worker.sandbox.all import Sandbox
+from worker.service import Service
 
 DEFINITIONS = Path(__file__).parents[2] / "deploy/rabbitmq/definitions.json"
 VHOST, NAMESPACE = "ikw", "instant_keys"  # as written in the definitions
@@ -472,3 +478,113 @@ async def test_worker_may_not_configure_or_impersonate(
         lambda ch: publish(ch, names.exchange, "access.granted", message(broker.user(PRODUCER))),
         aiormq.exceptions.ChannelPreconditionFailed,
     )
+
+
+# --- two tenants, one worker: each hears only its own outcomes ------------------------------
+
+
+class Heard:
+    """What one producer reads from its own outcome queue: (routing key, body)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        await message.ack()
+        self.events.append((message.routing_key or "", json.loads(message.body)))
+        changed()
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [body for key, body in self.events if key.split(".", 1)[1] == kind]
+
+
+@dataclass
+class Tenant:
+    user: str
+    publisher: Publisher
+    heard: Heard
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        raw = builders.body(event)
+        await self.publisher.publish_event(event["type"], raw, event["event_id"])
+
+
+@pytest.fixture
+async def tenants(
+    broker: Broker, admin: AbstractConnection, connect: Connect, sandbox: Sandbox
+) -> AsyncIterator[dict[str, Tenant]]:
+    """A worker with the definitions' rights trusting booking for `hotel-a-` and rival for
+    `hotel-b-`; each producer publishes and listens with its own."""
+    a, b = broker.user(PRODUCER), broker.user(RIVAL)
+    env = sandbox.env() | {
+        "AMQP_URL": broker.url(WORKER),
+        "IKW_NAMESPACE": broker.run,
+        "IKW_DECLARE": "false",
+        "IKW_HTTP_PORT": "0",
+        "IKW_MIN_KEY_LIFETIME": "0",
+        "IKW_TRUSTED_PUBLISHERS": f"{a}:hotel-a-,{b}:hotel-b-",
+    }
+    service = Service(config.load(env))
+    await service.start()
+    found: dict[str, Tenant] = {}
+    for name, user in ((PRODUCER, a), (RIVAL, b)):
+        connection = await connect(name)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        heard = Heard()
+        await (await channel.get_queue(broker.outcomes_of(name))).consume(heard.on_message)
+        found[name] = Tenant(user, Publisher(channel, broker.names, user), heard)
+    yield found
+    await service.stop()
+
+
+async def test_each_tenant_hears_its_own_outcomes_and_nothing_else(
+    tenants: dict[str, Tenant], sandbox: Sandbox
+) -> None:
+    sandbox.seam.key_lifetime = 2  # expiry timers fire within the test
+    grants = {
+        PRODUCER: grant("hotel-a-1", phone="+14155550111"),
+        RIVAL: grant("hotel-b-1", phone="+14155550122"),
+    }
+    for name, event in grants.items():
+        await tenants[name].publish(event)
+    everyone = [tenant.heard for tenant in tenants.values()]
+    await wait_for(lambda: all(len(h.events) >= 2 for h in everyone), 30, "deliveries, expiries")
+
+    for name, event in grants.items():
+        tenant = tenants[name]
+        [delivered] = tenant.heard.of("access.delivered")
+        [deleted] = tenant.heard.of("instant_key.deleted")
+        assert sorted(key for key, _ in tenant.heard.events) == [
+            f"{tenant.user}.access.delivered",
+            f"{tenant.user}.instant_key.deleted",
+        ]
+        assert delivered["event_id"] == event["event_id"]
+        assert (
+            delivered["user_identity"]["user_identity_key"]
+            == event["user_identity"]["user_identity_key"]
+        )
+        # The expiry timer carried the producer of the grant that made the key.
+        assert (deleted["instant_key_id"], deleted["why"]) == (
+            delivered["instant_key_id"],
+            "expired",
+        )
+
+
+async def test_a_grant_naming_another_tenant_s_ids_is_answered_to_its_producer_only(
+    tenants: dict[str, Tenant], broker: Broker, admin: AbstractConnection
+) -> None:
+    """booking's grant for rival's guest, with rival's event and grant ids: the failure goes to
+    booking; rival hears nothing of it."""
+    theirs = grant("hotel-b-7", phone="+14155550133")
+    forged = grant("hotel-b-7", event_id=theirs["event_id"], grant_id=theirs["grant_id"])
+    await tenants[PRODUCER].publish(forged)
+    heard = tenants[PRODUCER].heard
+    await wait_for(lambda: heard.events, 20, "booking's access.delivery_failed")
+
+    [(key, failed)] = heard.events
+    assert key == f"{tenants[PRODUCER].user}.access.delivery_failed"
+    assert (failed["event_id"], failed["reason"]) == (theirs["event_id"], "identity_out_of_scope")
+    # One publish reaches every queue it routes to at once: rival's got nothing.
+    assert tenants[RIVAL].heard.events == []
+    queue = await (await admin.channel()).get_queue(broker.outcomes_of(RIVAL))
+    assert queue.declaration_result.message_count == 0
