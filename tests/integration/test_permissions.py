@@ -93,7 +93,8 @@ def with_rival(definitions: dict[str, Any]) -> dict[str, Any]:
 
     def of_booking(entries: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
         mine = [e for e in entries if e[field] == PRODUCER]
-        return entries + json.loads(json.dumps(mine).replace(PRODUCER, RIVAL))
+        theirs: list[dict[str, Any]] = json.loads(json.dumps(mine).replace(PRODUCER, RIVAL))
+        return entries + theirs
 
     return definitions | {
         "users": of_booking(definitions["users"], "name"),
