@@ -157,8 +157,8 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         type=_producer,
         metavar="NAME",
-        help="also the queue NAME's outcome events go to, <namespace>.outcomes.NAME (bound with "
-        "NAME.#); repeat for each producer",
+        help="also the queue of producer NAME's outcome events, <namespace>.outcomes.NAME, "
+        "bound with NAME.#; repeat for each producer",
     )
 
     schema = command("schema", "write the JSON Schemas and AsyncAPI document of the events")

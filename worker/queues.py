@@ -6,7 +6,7 @@ from dataclasses import dataclass
 LEVELS = 28  # delay levels: 2^0 s .. 2^27 s, so delays up to 2^28 - 1 s
 DELIVERY_LIMIT = 5  # a message that kills the worker this often is dead-lettered
 # A producer's broker user, as IKW_TRUSTED_PUBLISHERS and `ikw topology --producer` take it: the
-# first word of its outcomes' routing keys, so no dot (`a.b` would hear `a.*`'s outcomes).
+# first word of its outcomes' routing keys, so no dot (`a`'s binding `a.#` would take `a.b`'s).
 PRODUCER = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -50,8 +50,8 @@ class Names:
 
     @property
     def unheard(self) -> str:
-        """Bound to the worker's outcome events, keeping none: with no booking system listening,
-        the broker drops them here instead of handing them to the alternate exchange."""
+        """Bound to every outcome event, keeping none: with no queue of their producer's, the
+        broker drops them here instead of returning them to the worker as unroutable."""
         return f"{self.namespace}.unheard"
 
     @property
