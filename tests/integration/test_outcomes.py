@@ -4,6 +4,7 @@ the link or a full contact."""
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -11,8 +12,10 @@ import pytest
 
 from tests.builders import grant, revoke
 from tests.integration.conftest import BROKER_USER, drain
+from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
-from worker.sandbox import wait_for
+from worker.events import KeyCleanup
+from worker.sandbox import changed, wait_for
 from worker.sandbox.all import Sandbox
 from worker.service import Service
 
@@ -28,6 +31,7 @@ class Listener:
     async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         await message.ack()
         self.heard.append((message.routing_key or "", json.loads(message.body), message.body))
+        changed()
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         assert kind in KINDS
@@ -154,3 +158,44 @@ async def test_without_the_sink_an_unheard_outcome_is_logged_and_the_grant_still
     assert sandbox.twilio.outbox
     assert any("could not publish the access.delivered outcome" in line for line in log_lines)
     assert await drain(amqp, names.dead) == []
+
+
+async def test_a_timer_of_a_producer_no_longer_trusted_deletes_its_key_and_tells_nobody(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names, amqp: Any
+) -> None:
+    """The worker trusts only itself here: an expiry timer set for a grant of `booking` (its
+    x-ikw-publisher) still deletes the key, and no outcome goes anywhere."""
+    every = Listener()
+    channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(names.outcomes, "#")
+    await queue.consume(every.on_message)
+    service = await start_worker()
+    await publish(grant("guest-of-booking"))
+    await wait_for(lambda: every.heard, 15, "the grant's access.delivered")
+    [key] = sandbox.seam.keys.values()
+
+    timer = KeyCleanup(
+        type="instant_key.cleanup",
+        version=1,
+        instant_key_id=key["instant_key_id"],
+        user_identity_id=key["user_identity_id"],
+        expires_at=datetime.now(UTC),
+    )
+    await Publisher(channel, names, BROKER_USER).to_queue(
+        names.cleanup,
+        timer.model_dump_json().encode(),
+        headers={"x-ikw-publisher": "booking"},
+        message_id="cleanup-of-booking",
+    )
+    done = {"queue": names.cleanup, "outcome": "acked"}
+    await wait_for(
+        lambda: service.metrics.registry.get_sample_value("ikw_messages_total", done),
+        15,
+        "the timer done",
+    )
+    assert not sandbox.seam.keys
+    # Whatever the worker published before its ack is in our queue ahead of this marker.
+    await Publisher(channel, names, BROKER_USER).publish(names.outcomes, "marker", b"{}")
+    await wait_for(lambda: len(every.heard) > 1, 15, "the marker")
+    assert [key for key, _, _ in every.heard] == [f"{BROKER_USER}.access.delivered", "marker"]
