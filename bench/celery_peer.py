@@ -14,7 +14,8 @@ imported):
   pool sized to the concurrency;
 - one confirmed publish of the cleanup message (the key's expiry timer) to a queue that keeps it;
 - one SMS through twilio's stock sync ``Client`` (``TwilioHttpClient``, its pool sized likewise);
-- one confirmed publish of the outcome event (``access.delivered``) to the namespace's exchange;
+- one confirmed publish of the outcome event (``<producer>.access.delivered``) to the namespace's
+  outcomes exchange;
 - ``acks_late`` (acked after the job: at least once, as the worker), no result backend.
 
 Publishes are confirmed (``confirm_publish``), persistent, through Celery's producer pool. The
@@ -75,6 +76,7 @@ SEAM_HEADERS = {"Authorization": f"Bearer {os.environ.get('SEAM_API_KEY', '')}"}
 SMS_FROM = os.environ.get("TWILIO_FROM", "")
 CLEANUP_QUEUE = os.environ.get("PEER_CLEANUP_QUEUE", "celery_peer.cleanup")
 OUTCOME_EXCHANGE = os.environ.get("PEER_OUTCOME_EXCHANGE", "")
+OUTCOME_KEY = os.environ.get("PEER_OUTCOME_KEY", "access.delivered")  # <producer>.access.delivered
 TIMEOUT = 10.0
 
 
@@ -167,5 +169,5 @@ def grant(user_identity_key: str, phone_number: str, full_name: str) -> None:
             "message_sid": message.sid,
         },
         OUTCOME_EXCHANGE,
-        "access.delivered",
+        OUTCOME_KEY,
     )

@@ -44,7 +44,6 @@ from harness import (
 )
 
 from worker.config import Settings
-from worker.events import ANNOUNCEMENTS
 from worker.sandbox import wait_for
 from worker.sandbox.all import SMS_FROM, Sandbox
 
@@ -188,12 +187,12 @@ async def listen_to_outcomes(broker: Broker) -> None:
     """A booking system's queue on the outcome events, as production has one (without it the
     topology's ``<ns>.unheard`` takes them). It keeps nothing (x-max-length 0) and goes with our
     connection."""
-    assert broker.channel is not None
+    assert broker.channel is not None and broker.publisher is not None
     queue = await broker.channel.declare_queue(
         f"{broker.names.namespace}.bench_outcomes", exclusive=True, arguments={"x-max-length": 0}
     )
-    for key in ANNOUNCEMENTS:
-        await queue.bind(broker.names.exchange, key)
+    # The producer's outcomes, as `ikw topology --producer` binds its queue.
+    await queue.bind(broker.names.outcomes, f"{broker.publisher.user_id}.#")
 
 
 async def measure(
@@ -268,7 +267,7 @@ async def start_peer(
     publish the grants to it)."""
     from celery_peer import make_app
 
-    assert broker.channel is not None
+    assert broker.channel is not None and broker.publisher is not None
     ns = broker.names.namespace
     queue = f"{ns}.celery"
     env = {
@@ -276,7 +275,8 @@ async def start_peer(
         "PEER_QUEUE": queue,
         "PEER_NAMESPACE": ns,
         "PEER_CLEANUP_QUEUE": f"{ns}.celery_cleanup",
-        "PEER_OUTCOME_EXCHANGE": broker.names.exchange,
+        "PEER_OUTCOME_EXCHANGE": broker.names.outcomes,
+        "PEER_OUTCOME_KEY": f"{broker.publisher.user_id}.access.delivered",
         "PEER_CONCURRENCY": str(args.peer_concurrency),
     }
     # Declared before Celery starts so that wait_ready can look: the task queue as Celery

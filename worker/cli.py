@@ -24,6 +24,7 @@ from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.errors import InvalidEvent
 from worker.events import parse
+from worker.queues import PRODUCER
 
 # Exit codes, as documented in README ("Exit codes").
 OK = 0
@@ -150,6 +151,15 @@ def parser() -> argparse.ArgumentParser:
         "expiry timers they hold; says what it would destroy and asks first",
     )
     topo.add_argument("--yes", action="store_true", help="--delete without asking")
+    topo.add_argument(
+        "--producer",
+        action="append",
+        default=[],
+        type=_producer,
+        metavar="NAME",
+        help="also the queue of producer NAME's outcome events, <namespace>.outcomes.NAME, "
+        "bound with NAME.#; repeat for each producer",
+    )
 
     schema = command("schema", "write the JSON Schemas and AsyncAPI document of the events")
     schema.add_argument("--out", type=Path, default=Path("schemas"))
@@ -170,6 +180,14 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a port is a whole number from 0 to 65535, got {text!r}")
     return port
+
+
+def _producer(text: str) -> str:
+    if not PRODUCER.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"a producer is its broker user: 1 to 64 letters, digits, '_' or '-', got {text[:80]!r}"
+        )
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,7 +388,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
     settings = config.broker_settings()
     names = Names(settings.namespace)
     if args.command == "topology" and args.print:
-        print(topology.describe(names))
+        print(topology.describe(names, args.producer))
         return OK
     # A bad flag is told before connecting.
     event = grant_or_revoke(args) if args.command == "publish" else None
@@ -424,15 +442,16 @@ async def _topology(
 ) -> int:
     channel = await connection.channel()
     if args.check:
-        missing = await topology.check(channel, names)
+        missing = await topology.check(channel, names, args.producer)
         for line in missing:
             print(f"missing: {line}")
         print("topology complete" if not missing else f"{len(missing)} missing")
         return FAILED if missing else OK
     if args.delete:
         return await _delete(args, connection, names)
-    await topology.declare(channel, names, quorum_size=config.broker_settings().quorum_size)
-    print(topology.describe(names))
+    quorum_size = config.broker_settings().quorum_size
+    await topology.declare(channel, names, quorum_size=quorum_size, producers=args.producer)
+    print(topology.describe(names, args.producer))
     return OK
 
 
@@ -502,7 +521,7 @@ async def _delete(
             print("not confirmed; nothing was changed")
             return FAILED
     channel = await connection.channel()
-    await topology.delete(channel, names)
+    await topology.delete(channel, names, args.producer)
     await channel.close()
     if not found:
         print(f"namespace {names.namespace} had no queues; deleted its exchanges, if any")

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
+from worker.queues import PRODUCER
+
 # Every variable the reader below uses, for `ikw run --help`: add a row when you read a new one.
 VARIABLES: tuple[tuple[str, str], ...] = (
     ("AMQP_URL", "RabbitMQ URL, or a cluster's: URLs (or host:port) separated by commas"),
@@ -328,9 +330,6 @@ def _amqp_url(r: _Reader) -> str:
     return ",".join(url.rstrip("/") for url in urls)
 
 
-_USER = re.compile(r"[^\s,:]{1,128}")
-
-
 def _publishers(r: _Reader) -> Publishers:
     """``name`` trusts a broker user for any identity; ``name:prefix`` for user_identity_keys
     starting with prefix only (repeat the entry for several prefixes)."""
@@ -340,10 +339,11 @@ def _publishers(r: _Reader) -> Publishers:
         None, (e.strip() for e in (r.text("IKW_TRUSTED_PUBLISHERS") or "").split(","))
     ):
         name, colon, prefix = (part.strip() for part in entry.partition(":"))
-        if not _USER.fullmatch(name) or (colon and not prefix):
+        if not PRODUCER.fullmatch(name) or (colon and not prefix):
             r.problems.append(
                 "IKW_TRUSTED_PUBLISHERS: use comma-separated broker users, each `name` or "
-                f"`name:prefix`, got {entry[:60]!r}"
+                "`name:prefix`, a name being 1 to 64 letters, digits, '_' or '-', got "
+                f"{entry[:60]!r}"
             )
         elif colon:
             scoped.setdefault(name, []).append(prefix)

@@ -75,20 +75,24 @@ def asyncapi(names: Names) -> dict[str, Any]:
         routing_key = name.removesuffix(".v1")
         key = routing_key.replace(".", "_")
         channels[key] = {
-            "address": routing_key,
+            "address": f"{{producer}}.{routing_key}",
+            "parameters": {
+                "producer": {"description": "The broker user that published the event concerned."}
+            },
             "messages": {
                 name.replace(".", "_"): {"$ref": f"#/components/messages/{name.replace('.', '_')}"}
             },
             "bindings": {
                 "amqp": {
                     "is": "routingKey",
-                    "exchange": {"name": names.exchange, "type": "topic", "durable": True},
+                    "exchange": {"name": names.outcomes, "type": "topic", "durable": True},
                     "bindingVersion": "0.3.0",
                 }
             },
             "description": (
-                "Published by the worker. Bind your own queue to this routing key to hear it; "
-                "with no queue bound it is dropped."
+                f"Published by the worker, only about your own events. Consume it from the queue "
+                f"{names.outcome_queue('{producer}')} (`ikw topology --producer NAME` declares "
+                "it); with no such queue it is dropped."
             ),
         }
         operations[f"receive_{key}"] = {

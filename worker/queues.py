@@ -1,9 +1,13 @@
 """The names of one namespace's exchanges and queues, and which message type each queue takes."""
 
+import re
 from dataclasses import dataclass
 
 LEVELS = 28  # delay levels: 2^0 s .. 2^27 s, so delays up to 2^28 - 1 s
 DELIVERY_LIMIT = 5  # a message that kills the worker this often is dead-lettered
+# A producer's broker user, as IKW_TRUSTED_PUBLISHERS and `ikw topology --producer` take it: the
+# first word of its outcomes' routing keys, so no dot (`a`'s binding `a.#` would take `a.b`'s).
+PRODUCER = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,19 @@ class Names:
 
     @property
     def unheard(self) -> str:
-        """Bound to the worker's outcome events, keeping none: with no booking system listening,
-        the broker drops them here instead of handing them to the alternate exchange."""
+        """Bound to every outcome event, keeping none: with no queue of their producer's, the
+        broker drops them here instead of returning them to the worker as unroutable."""
         return f"{self.namespace}.unheard"
+
+    @property
+    def outcomes(self) -> str:
+        """The topic exchange of the outcome events, routing key ``<producer>.<type>``; only the
+        worker writes it."""
+        return f"{self.namespace}.outcomes"
+
+    def outcome_queue(self, producer: str) -> str:
+        """One producer's queue of its own outcome events (`ikw topology --producer`)."""
+        return f"{self.outcomes}.{producer}"
 
     def delay(self, level: int) -> str:
         return f"{self.namespace}.delay.{level:02d}"
@@ -85,6 +99,7 @@ class Names:
         return [
             self.exchange,
             self.unroutable,
+            self.outcomes,
             self.deliver,
             *(self.delay(n) for n in range(LEVELS)),
         ]

@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
 from opentelemetry.trace import Tracer, TracerProvider
@@ -178,6 +179,8 @@ class Service:
             await topology.declare(
                 publishing, self.names, self.settings.revoke_retention, self.settings.quorum_size
             )
+        else:
+            await self._expect(self.names.outcomes)
         publisher = Publisher(publishing, self.names, self.settings.broker_user, tracer=self.tracer)
         self.fence = StreamFence(self.names, publisher, self.settings.broker_user)
         await self.fence.start(following)
@@ -320,6 +323,18 @@ class Service:
         if self.http:
             await self.http.stop()
         log.info("worker stopped")
+
+    async def _expect(self, exchange: str) -> None:
+        """Publishing to a missing exchange would close the publishing channel, every time."""
+        assert self.connection is not None
+        channel = await self.connection.channel()
+        try:
+            await channel.get_exchange(exchange, ensure=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise StartError(
+                f"exchange {exchange} does not exist: run `ikw topology` first"
+            ) from None
+        await channel.close()
 
     async def run(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""

@@ -214,6 +214,41 @@ async def test_topology_delete_says_what_it_would_destroy_and_needs_a_terminal(
     assert await missing_queues(amqp, names) == names.all_queues()
 
 
+async def test_topology_declares_each_producer_s_outcome_queue(
+    amqp: Connection, names: Names
+) -> None:
+    producers = ("booking", "rival")
+    channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
+    try:
+        result = await aikw(
+            "topology", "--producer", "booking", "--producer", "rival", namespace=names.namespace
+        )
+        assert result.returncode == 0, result.stderr
+        queue = names.outcome_queue("booking")
+        assert f"binding          {names.outcomes} --[booking.#]--> {queue}" in result.stdout
+        outcomes = await channel.get_exchange(names.outcomes)
+        for producer in producers:
+            message = aio_pika.Message(producer.encode())
+            await outcomes.publish(message, f"{producer}.access.delivered", mandatory=True)
+        for producer in producers:
+            declared = await channel.get_queue(names.outcome_queue(producer))
+            got = await declared.get(timeout=5)
+            assert got.body == producer.encode()
+            assert await declared.get(fail=False) is None  # not the other's
+    finally:
+        for producer in producers:
+            await channel.queue_delete(names.outcome_queue(producer))
+
+    result = await aikw("topology", "--check", "--producer", "other", namespace=names.namespace)
+    assert result.returncode == 1
+    assert f"missing: queue {names.outcome_queue('other')}" in result.stdout
+    result = await aikw("topology", "--producer", "a.b", namespace=names.namespace)
+    assert result.returncode == 2
+    assert "a producer is its broker user: 1 to 64 letters, digits, '_' or '-', got 'a.b'" in (
+        result.stderr
+    )
+
+
 async def test_a_reader_that_stops_early_ends_quietly(amqp: Connection, names: Names) -> None:
     channel = await amqp.channel(publisher_confirms=True)
     headers: aio_pika.abc.HeadersType = {

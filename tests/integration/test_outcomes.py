@@ -1,19 +1,24 @@
-"""The booking system hears back: outcome events on the main exchange, consumed from a queue bound
-to them as a booking system would bind one, never with the link or a full contact."""
+"""The booking system hears back: outcome events on <ns>.outcomes, routing key
+<producer>.<type>, consumed from a queue bound as `ikw topology --producer` binds one, never with
+the link or a full contact."""
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import pytest
 
 from tests.builders import grant, revoke
-from tests.integration.conftest import drain
+from tests.integration.conftest import BROKER_USER, drain
+from worker import config
+from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
-from worker.sandbox import wait_for
+from worker.events import KeyCleanup
+from worker.sandbox import changed, wait_for
 from worker.sandbox.all import Sandbox
-from worker.service import Service
+from worker.service import Service, StartError
 
 StartWorker = Callable[..., Awaitable[Service]]
 Publish = Callable[..., Awaitable[None]]
@@ -27,18 +32,19 @@ class Listener:
     async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         await message.ack()
         self.heard.append((message.routing_key or "", json.loads(message.body), message.body))
+        changed()
 
     def of(self, kind: str) -> list[dict[str, Any]]:
-        return [body for key, body, _ in self.heard if key == kind]
+        assert kind in KINDS
+        return [body for key, body, _ in self.heard if key == f"{BROKER_USER}.{kind}"]
 
 
 @pytest.fixture
 async def listener(amqp: Any, names: Names) -> AsyncIterator[Listener]:
-    """A booking system's own queue, bound to the outcome routing keys."""
+    """The producer's own queue (the tests publish as the worker's user, trusted by default)."""
     channel = await amqp.channel()
     queue = await channel.declare_queue(exclusive=True)
-    for kind in KINDS:
-        await queue.bind(names.exchange, kind)
+    await queue.bind(names.outcomes, f"{BROKER_USER}.#")
     heard = Listener()
     await queue.consume(heard.on_message)
     yield heard
@@ -138,11 +144,68 @@ async def test_with_nobody_listening_the_broker_drops_outcomes_without_the_worke
         assert declared.declaration_result.message_count == 0, queue
 
 
-async def test_on_an_older_topology_without_the_sink_outcomes_are_still_dropped(
-    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names, amqp: Any
+async def test_without_the_sink_an_unheard_outcome_is_logged_and_the_grant_still_done(
+    start_worker: StartWorker, publish: Publish, names: Names, amqp: Any, log_lines: list[str]
 ) -> None:
     await (await amqp.channel()).queue_delete(names.unheard)
-    service = await start_worker(IKW_DECLARE="false")
+    await start_worker(IKW_DECLARE="false")
     await publish(grant())
-    await wait_for(lambda: unroutable_handled(service, names), 15, "the unheard outcome dropped")
+    await wait_for(lambda: any("message acked" in line for line in log_lines), 15, "the ack")
+    assert any("could not publish the access.delivered outcome" in line for line in log_lines)
     assert await drain(amqp, names.dead) == []
+
+
+async def test_a_timer_of_a_producer_no_longer_trusted_deletes_its_key_and_tells_nobody(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names, amqp: Any
+) -> None:
+    """The worker trusts only itself here: an expiry timer set for a grant of `booking` (its
+    x-ikw-publisher) still deletes the key, and no outcome goes anywhere."""
+    every = Listener()
+    channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(names.outcomes, "#")
+    await queue.consume(every.on_message)
+    service = await start_worker()
+    await publish(grant("guest-of-booking"))
+    await wait_for(lambda: every.heard, 15, "the grant's access.delivered")
+    [key] = sandbox.seam.keys.values()
+
+    timer = KeyCleanup(
+        type="instant_key.cleanup",
+        version=1,
+        instant_key_id=key["instant_key_id"],
+        user_identity_id=key["user_identity_id"],
+        expires_at=datetime.now(UTC),
+    )
+    await Publisher(channel, names, BROKER_USER).to_queue(
+        names.cleanup,
+        timer.model_dump_json().encode(),
+        headers={"x-ikw-publisher": "booking"},
+        message_id="cleanup-of-booking",
+    )
+    done = {"queue": names.cleanup, "outcome": "acked"}
+    await wait_for(
+        lambda: service.metrics.registry.get_sample_value("ikw_messages_total", done),
+        15,
+        "the timer done",
+    )
+    assert not sandbox.seam.keys
+    # Whatever the worker published before its ack is in our queue ahead of this marker.
+    await Publisher(channel, names, BROKER_USER).publish(names.outcomes, "marker", b"{}")
+    await wait_for(lambda: len(every.heard) > 1, 15, "the marker")
+    assert [key for key, _, _ in every.heard] == [f"{BROKER_USER}.access.delivered", "marker"]
+
+
+async def test_a_worker_that_may_not_declare_needs_the_outcomes_exchange(
+    worker_env: dict[str, str], names: Names, amqp: Any
+) -> None:
+    """Rolled out before `ikw topology` ran: it says so, instead of losing its publishing
+    channel at every outcome."""
+    await (await amqp.channel()).exchange_delete(names.outcomes)
+    service = Service(config.load(worker_env | {"IKW_DECLARE": "false"}))
+    with pytest.raises(StartError) as refused:
+        await service.start()
+    await service.stop()
+    assert str(refused.value) == (
+        f"exchange {names.outcomes} does not exist: run `ikw topology` first"
+    )

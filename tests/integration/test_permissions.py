@@ -5,6 +5,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -20,14 +21,21 @@ import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from tests import builders
+from tests.builders import grant
 from tests.integration.conftest import AMQP_URL
+from worker import config
 from worker.broker import topology
-from worker.broker.publisher import delay_routing_key, entry_level
+from worker.broker.publisher import Publisher, delay_routing_key, entry_level
 from worker.broker.topology import LEVELS, Names
+from worker.sandbox import changed, wait_for
+from worker.sandbox.all import Sandbox
+from worker.service import Service
 
 DEFINITIONS = Path(__file__).parents[2] / "deploy/rabbitmq/definitions.json"
 VHOST, NAMESPACE = "ikw", "instant_keys"  # as written in the definitions
 ADMIN, WORKER, PRODUCER = "ikw-admin", "ikw-worker", "booking"
+RIVAL = "rival"  # a second producer, given booking's lines under its own name
 BROKER = urlsplit(AMQP_URL)
 
 pytestmark = pytest.mark.skipif(
@@ -55,8 +63,13 @@ def localised(definitions: dict[str, Any], run: str, password: str) -> dict[str,
     def user(name: str) -> str:
         return f"{run}_{name}"
 
+    def pattern(text: str) -> str:
+        """A producer's outcome queue is named after its user: <ns>.outcomes.<user>."""
+        text = text.replace(NAMESPACE, run)
+        return re.sub(r"(\\\.outcomes\\\.)([\w-]+)", lambda m: m[1] + user(m[2]), text)
+
     def patterns(entry: dict[str, Any], *keys: str) -> dict[str, Any]:
-        return entry | {k: entry[k].replace(NAMESPACE, run) for k in keys} | {"vhost": run}
+        return entry | {k: pattern(entry[k]) for k in keys} | {"vhost": run}
 
     return {
         "vhosts": [{"name": run}],
@@ -75,6 +88,21 @@ def localised(definitions: dict[str, Any], run: str, password: str) -> dict[str,
     }
 
 
+def with_rival(definitions: dict[str, Any]) -> dict[str, Any]:
+    """The definitions with a second producer: booking's user and permissions under its name."""
+
+    def of_booking(entries: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
+        mine = [e for e in entries if e[field] == PRODUCER]
+        theirs: list[dict[str, Any]] = json.loads(json.dumps(mine).replace(PRODUCER, RIVAL))
+        return entries + theirs
+
+    return definitions | {
+        "users": of_booking(definitions["users"], "name"),
+        "permissions": of_booking(definitions["permissions"], "user"),
+        "topic_permissions": of_booking(definitions["topic_permissions"], "user"),
+    }
+
+
 @dataclass(frozen=True)
 class Broker:
     run: str  # the vhost and the namespace
@@ -87,6 +115,13 @@ class Broker:
     def user(self, name: str) -> str:
         return f"{self.run}_{name}"
 
+    @property
+    def producers(self) -> list[str]:
+        return [self.user(PRODUCER), self.user(RIVAL)]
+
+    def outcomes_of(self, name: str) -> str:
+        return self.names.outcome_queue(self.user(name))
+
     def url(self, name: str) -> str:
         netloc = f"{self.user(name)}:{self.password}@{BROKER.hostname}:{BROKER.port or 5672}"
         return f"{BROKER.scheme}://{netloc}/{quote(self.run, safe='')}"
@@ -97,7 +132,7 @@ def broker() -> Iterator[Broker]:
     """A vhost and users imported from the definitions; all removed afterwards, even on failure."""
     run = f"ikw_test_{uuid.uuid4().hex[:10]}"
     password = uuid.uuid4().hex
-    definitions = localised(json.loads(DEFINITIONS.read_text()), run, password)
+    definitions = localised(with_rival(json.loads(DEFINITIONS.read_text())), run, password)
     try:
         # From stdin: rabbitmqctl may run as the broker's user, who cannot read our temp files.
         rabbitmqctl("import_definitions", "--format", "json", stdin=json.dumps(definitions))
@@ -133,7 +168,7 @@ async def admin(broker: Broker, connect: Connect) -> AbstractConnection:
     connection = await connect(ADMIN)
     channel = await connection.channel()
     names = broker.names
-    await topology.declare(channel, names)
+    await topology.declare(channel, names, producers=broker.producers)
     # The fence stream and the alternate exchange's queue, unless topology.py declares them.
     planned = {name for kind, name, _ in topology.plan(names) if kind == "queue"}
     if f"{names.namespace}.fence" not in planned:
@@ -242,19 +277,17 @@ async def test_producer_may_do_nothing_else(
         await refused(producer, partial(_publish_to, exchange, key, message(user)))
     for queue in [names.grants, names.cleanup, f"{names.namespace}.fence"]:
         await refused(producer, partial(_publish_to, "", queue, message(user)))
-    # Reading: no queue at all.
-    for queue in every_queue(names):
+    # Reading: no queue but its own outcome queue.
+    for queue in [*every_queue(names), broker.outcomes_of(RIVAL)]:
         await refused(producer, partial(_consume_from, queue))
     await refused(producer, lambda ch: _basic_get(ch, names.grants))
-    # Configuring: declare, bind, delete.
+    # Configuring: nothing at all, not even a queue of its own.
     await refused(producer, lambda ch: ch.declare_queue(exclusive=True))
-    await refused(producer, lambda ch: ch.declare_queue(f"{names.namespace}.mine", durable=True))
+    await refused(producer, lambda ch: ch.declare_queue(f"{user}.mine", durable=True))
     await refused(producer, lambda ch: ch.declare_exchange(f"{names.namespace}.mine"))
     await refused(producer, lambda ch: _bind(ch, names.grants, main, "access.#"))
     await refused(producer, lambda ch: ch.queue_delete(names.grants))
-    # Its own queue may hear the outcome events, never the other producers' events.
-    for key in ["access.granted", "access.revoked", "#", "access.*", "instant_key.cleanup"]:
-        await refused(producer, partial(_listen_to, main, key))
+    await refused(producer, lambda ch: ch.queue_delete(broker.outcomes_of(PRODUCER)))
     # Someone else's name on its event.
     for other in [broker.user(WORKER), "guest"]:
         await refused(
@@ -263,32 +296,83 @@ async def test_producer_may_do_nothing_else(
             aiormq.exceptions.ChannelPreconditionFailed,
         )
 
-    # Nothing of the above got through.
+    await nothing_got_through(broker, admin)
+
+
+async def nothing_got_through(broker: Broker, admin: AbstractConnection) -> None:
     counts = await admin.channel()
-    for queue in every_queue(names):
+    for queue in [*every_queue(broker.names), *map(broker.names.outcome_queue, broker.producers)]:
         declared = await counts.get_queue(queue)
         assert declared.declaration_result.message_count == 0, queue
 
 
-async def test_producer_listens_to_the_outcome_events_on_its_own_queue(
+async def test_no_producer_forges_outcomes_or_reads_another_s(
     broker: Broker, admin: AbstractConnection, connect: Connect
 ) -> None:
+    """Each way in that a producer with a configure right had, refused by the broker."""
+    names, user = broker.names, broker.user(PRODUCER)
+    own, rival = broker.outcomes_of(PRODUCER), broker.outcomes_of(RIVAL)
+    forged = f"{broker.user(RIVAL)}.access.delivered"
     producer = await connect(PRODUCER)
-    channel = await producer.channel()
-    heard = await _listen(channel, broker.names.exchange, "access.delivered")
-    for key in ("access.delivery_failed", "instant_key.deleted"):
-        await heard.bind(broker.names.exchange, key)
+    # An exchange of its own, to bind into the namespace and publish through.
+    await refused(producer, lambda ch: ch.declare_exchange("mine", aio_pika.ExchangeType.TOPIC))
+    # Binding an exchange that exists anyway (amq.topic) into the main or the outcomes exchange,
+    # or the main exchange into the outcomes exchange.
+    for source, destination in [
+        ("amq.topic", names.exchange),
+        ("amq.topic", names.outcomes),
+        (names.exchange, names.outcomes),
+    ]:
+        await refused(producer, partial(_bind_exchange, destination, source, "#"))
+    # A queue whose dead letters go into the namespace; or its own queue redeclared so.
+    for exchange in (names.exchange, names.outcomes):
+        dlx = {"x-dead-letter-exchange": exchange, "x-dead-letter-routing-key": forged}
+        await refused(producer, partial(_declare, "mine", dlx))
+        await refused(producer, partial(_declare, own, dlx))
+    # Its own queue bound to another producer's outcomes, or to all of them.
+    for key in (f"{broker.user(RIVAL)}.#", "#", "*.access.delivered"):
+        await refused(producer, partial(_bind_to, own, names.outcomes, key))
+    # Outcomes published directly, on the outcomes exchange or on the main one.
+    for exchange, key in [
+        (names.outcomes, forged),
+        (names.outcomes, f"{user}.access.delivered"),
+        (names.exchange, "access.delivered"),
+        (names.exchange, "instant_key.deleted"),
+    ]:
+        await refused(producer, partial(_publish_to, exchange, key, message(user)))
+    # Another producer's outcome queue.
+    await refused(producer, partial(_consume_from, rival))
+    await refused(producer, lambda ch: _basic_get(ch, rival))
+
+    await nothing_got_through(broker, admin)
+
+
+async def test_each_producer_reads_its_own_outcome_queue_only(
+    broker: Broker, admin: AbstractConnection, connect: Connect
+) -> None:
     worker = await connect(WORKER)
-    sending = await worker.channel(publisher_confirms=True)
-    await publish(sending, broker.names.exchange, "access.delivered", message(broker.user(WORKER)))
-    got = await heard.get(timeout=5, fail=False)
-    assert got is not None and got.routing_key == "access.delivered"
+    sending = await worker.channel(publisher_confirms=True, on_return_raises=True)
+    for name in (PRODUCER, RIVAL):
+        key = f"{broker.user(name)}.access.delivered"
+        await publish(sending, broker.names.outcomes, key, message(broker.user(WORKER), b"x"))
+    for name in (PRODUCER, RIVAL):
+        channel = await (await connect(name)).channel()
+        [got] = await take(await channel.get_queue(broker.outcomes_of(name)))
+        assert got.routing_key == f"{broker.user(name)}.access.delivered"
+    await nothing_got_through(broker, admin)
 
 
-async def _listen(channel: AbstractChannel, exchange: str, key: str) -> aio_pika.abc.AbstractQueue:
-    queue = await channel.declare_queue("booking.outcomes", durable=True)
-    await queue.bind(exchange, key)
-    return queue
+async def _declare(queue: str, arguments: dict[str, Any], channel: AbstractChannel) -> None:
+    await channel.declare_queue(queue, durable=True, arguments=arguments)
+
+
+async def _bind_to(queue: str, exchange: str, key: str, channel: AbstractChannel) -> None:
+    await _bind(channel, queue, exchange, key)
+
+
+async def _bind_exchange(destination: str, source: str, key: str, channel: AbstractChannel) -> None:
+    target = await channel.get_exchange(destination, ensure=False)
+    await target.bind(await channel.get_exchange(source, ensure=False), key)
 
 
 async def _publish_to(
@@ -299,10 +383,6 @@ async def _publish_to(
 
 async def _consume_from(queue: str, channel: AbstractChannel) -> None:
     await _consume(channel, queue)
-
-
-async def _listen_to(exchange: str, key: str, channel: AbstractChannel) -> None:
-    await _listen(channel, exchange, key)
 
 
 async def _consume(channel: AbstractChannel, queue: str) -> None:
@@ -328,10 +408,8 @@ async def test_worker_does_its_job_without_configure(
     names, user = broker.names, broker.user(WORKER)
     fence = f"{names.namespace}.fence"
     outcomes = ["access.delivered", "access.delivery_failed", "instant_key.deleted"]
-    # A subscriber's queue for the outcome events, so that they are routable.
-    subscriber = await (await admin.channel()).declare_queue(f"{names.namespace}.subscriber")
-    for key in outcomes:
-        await subscriber.bind(names.exchange, key)
+    # The producer's queue of its outcome events, read here by the admin.
+    subscriber = await (await admin.channel()).get_queue(broker.outcomes_of(PRODUCER))
     worker = await connect(WORKER)
     channel = await worker.channel(publisher_confirms=True, on_return_raises=True)
     await channel.set_qos(prefetch_count=10)
@@ -356,9 +434,10 @@ async def test_worker_does_its_job_without_configure(
     await publish(channel, "", names.dead, message(user, b"dead"))
     await publish(channel, "", names.revocations, message(user, b"requeue"))
     await publish(channel, "", fence, message(user, b"fenced"))
-    # Outcome events on the main exchange: no topic permission limits the worker.
+    # Outcome events, routing key <producer>.<type>: no topic permission limits the worker.
     for key in outcomes:
-        await publish(channel, names.exchange, key, message(user, key.encode()))
+        routing_key = f"{broker.user(PRODUCER)}.{key}"
+        await publish(channel, names.outcomes, routing_key, message(user, key.encode()))
 
     for name, body in [
         (names.grants, b"retry"),
@@ -400,3 +479,113 @@ async def test_worker_may_not_configure_or_impersonate(
         lambda ch: publish(ch, names.exchange, "access.granted", message(broker.user(PRODUCER))),
         aiormq.exceptions.ChannelPreconditionFailed,
     )
+
+
+# --- two tenants, one worker: each hears only its own outcomes ------------------------------
+
+
+class Heard:
+    """What one producer reads from its own outcome queue: (routing key, body)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        await message.ack()
+        self.events.append((message.routing_key or "", json.loads(message.body)))
+        changed()
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [body for key, body in self.events if key.split(".", 1)[1] == kind]
+
+
+@dataclass
+class Tenant:
+    user: str
+    publisher: Publisher
+    heard: Heard
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        raw = builders.body(event)
+        await self.publisher.publish_event(event["type"], raw, event["event_id"])
+
+
+@pytest.fixture
+async def tenants(
+    broker: Broker, admin: AbstractConnection, connect: Connect, sandbox: Sandbox
+) -> AsyncIterator[dict[str, Tenant]]:
+    """A worker with the definitions' rights trusting booking for `hotel-a-` and rival for
+    `hotel-b-`; each producer publishes and listens with its own."""
+    a, b = broker.user(PRODUCER), broker.user(RIVAL)
+    env = sandbox.env() | {
+        "AMQP_URL": broker.url(WORKER),
+        "IKW_NAMESPACE": broker.run,
+        "IKW_DECLARE": "false",
+        "IKW_HTTP_PORT": "0",
+        "IKW_MIN_KEY_LIFETIME": "0",
+        "IKW_TRUSTED_PUBLISHERS": f"{a}:hotel-a-,{b}:hotel-b-",
+    }
+    service = Service(config.load(env))
+    await service.start()
+    found: dict[str, Tenant] = {}
+    for name, user in ((PRODUCER, a), (RIVAL, b)):
+        connection = await connect(name)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        heard = Heard()
+        await (await channel.get_queue(broker.outcomes_of(name))).consume(heard.on_message)
+        found[name] = Tenant(user, Publisher(channel, broker.names, user), heard)
+    yield found
+    await service.stop()
+
+
+async def test_each_tenant_hears_its_own_outcomes_and_nothing_else(
+    tenants: dict[str, Tenant], sandbox: Sandbox
+) -> None:
+    sandbox.seam.key_lifetime = 2  # expiry timers fire within the test
+    grants = {
+        PRODUCER: grant("hotel-a-1", phone="+14155550111"),
+        RIVAL: grant("hotel-b-1", phone="+14155550122"),
+    }
+    for name, event in grants.items():
+        await tenants[name].publish(event)
+    everyone = [tenant.heard for tenant in tenants.values()]
+    await wait_for(lambda: all(len(h.events) >= 2 for h in everyone), 30, "deliveries, expiries")
+
+    for name, event in grants.items():
+        tenant = tenants[name]
+        [delivered] = tenant.heard.of("access.delivered")
+        [deleted] = tenant.heard.of("instant_key.deleted")
+        assert sorted(key for key, _ in tenant.heard.events) == [
+            f"{tenant.user}.access.delivered",
+            f"{tenant.user}.instant_key.deleted",
+        ]
+        assert delivered["event_id"] == event["event_id"]
+        assert (
+            delivered["user_identity"]["user_identity_key"]
+            == event["user_identity"]["user_identity_key"]
+        )
+        # The expiry timer carried the producer of the grant that made the key.
+        assert (deleted["instant_key_id"], deleted["why"]) == (
+            delivered["instant_key_id"],
+            "expired",
+        )
+
+
+async def test_a_grant_naming_another_tenant_s_ids_is_answered_to_its_producer_only(
+    tenants: dict[str, Tenant], broker: Broker, admin: AbstractConnection
+) -> None:
+    """booking's grant for rival's guest, with rival's event and grant ids: the failure goes to
+    booking; rival hears nothing of it."""
+    theirs = grant("hotel-b-7", phone="+14155550133")
+    forged = grant("hotel-b-7", event_id=theirs["event_id"], grant_id=theirs["grant_id"])
+    await tenants[PRODUCER].publish(forged)
+    heard = tenants[PRODUCER].heard
+    await wait_for(lambda: heard.events, 20, "booking's access.delivery_failed")
+
+    [(key, failed)] = heard.events
+    assert key == f"{tenants[PRODUCER].user}.access.delivery_failed"
+    assert (failed["event_id"], failed["reason"]) == (theirs["event_id"], "identity_out_of_scope")
+    # One publish reaches every queue it routes to at once: rival's got nothing.
+    assert tenants[RIVAL].heard.events == []
+    queue = await (await admin.channel()).get_queue(broker.outcomes_of(RIVAL))
+    assert queue.declaration_result.message_count == 0

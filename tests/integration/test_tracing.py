@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.builders import grant
-from tests.integration.conftest import AMQP_URL
+from tests.integration.conftest import AMQP_URL, BROKER_USER
 from worker.broker.topology import Names
 from worker.cli import main
 from worker.sandbox import wait_for
@@ -166,7 +166,8 @@ async def test_one_grant_is_one_trace_across_a_retry(
     ]
     assert cleanups
     assert any(
-        (s.attributes or {}).get("messaging.rabbitmq.destination.routing_key") == "access.delivered"
+        (s.attributes or {}).get("messaging.rabbitmq.destination.routing_key")
+        == f"{BROKER_USER}.access.delivered"
         for s in children(spans, second, SpanKind.PRODUCER)
     )
 

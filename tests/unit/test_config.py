@@ -109,6 +109,9 @@ def test_trusted_publishers_are_broker_users_optionally_limited_to_a_key_prefix(
     [
         ("booking:", "IKW_TRUSTED_PUBLISHERS: use comma-separated broker users"),
         ("booking,booking:x-", "'booking' is listed both with and without a prefix"),
+        # The first word of its outcomes' routing keys: `hotel.a` would hear `hotel`'s.
+        ("hotel.a:hotel-a-", "a name being 1 to 64 letters, digits, '_' or '-', got 'hotel.a"),
+        ("b" * 65, "a name being 1 to 64 letters"),
     ],
 )
 def test_a_bad_trusted_publishers_entry_is_named(value: str, said: str) -> None:

@@ -84,6 +84,8 @@ def test_compose_users_are_in_the_definitions() -> None:
     worker = services["worker"]["environment"]
     assert worker["IKW_DECLARE"] == "false"
     assert worker["IKW_TRUSTED_PUBLISHERS"] == "booking"
+    # Its outcome events have a queue, which it may read.
+    assert services["topology"]["command"] == ["topology", "--producer", "booking"]
     mounts = [v.split(":")[0] for v in services["rabbitmq"]["volumes"]]
     assert all((DEPLOY / m).is_file() for m in mounts)
 

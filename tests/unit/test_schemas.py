@@ -20,16 +20,20 @@ def test_asyncapi_names_the_exchange_and_routing_keys() -> None:
     assert addresses == {
         "access.granted",
         "access.revoked",
-        "access.delivered",
-        "access.delivery_failed",
-        "instant_key.deleted",
+        "{producer}.access.delivered",
+        "{producer}.access.delivery_failed",
+        "{producer}.instant_key.deleted",
     }
     actions = {
         op["channel"]["$ref"].rsplit("/", 1)[1]: op["action"] for op in doc["operations"].values()
     }
     assert actions["access_granted"] == "send" and actions["access_delivered"] == "receive"
-    exchanges = {c["bindings"]["amqp"]["exchange"]["name"] for c in doc["channels"].values()}
-    assert exchanges == {"instant_keys"}
+    exchanges = {
+        c["address"]: c["bindings"]["amqp"]["exchange"]["name"] for c in doc["channels"].values()
+    }
+    assert exchanges["access.granted"] == "instant_keys"
+    # Outcomes: each producer's own, on an exchange only the worker writes.
+    assert exchanges["{producer}.access.delivered"] == "instant_keys.outcomes"
 
 
 def test_the_granted_schema_requires_what_the_model_requires() -> None:

@@ -37,7 +37,7 @@ from worker.broker.decision import (
     producer_of,
 )
 from worker.broker.headers import Bookkeeping
-from worker.broker.publisher import Publisher
+from worker.broker.publisher import Publisher, announce_to
 from worker.errors import CredentialsRefused, Permanent, Transient
 from worker.events import (
     ANNOUNCEMENTS,
@@ -175,6 +175,8 @@ class Consumer:
         received_at = book.received_at or datetime.now(UTC)  # kept on every copy we publish
         book = replace(book, received_at=received_at)
         producer = producer_of(message.user_id, book.publisher, self.trust)
+        trusted = producer == self.trust.worker or producer in self.trust.publishers
+        announce_to.set(producer if trusted else None)  # this message's outcomes go to it alone
         ctx: dict[str, Any] = {
             "queue": queue,
             "message_id": _printable(message.message_id),

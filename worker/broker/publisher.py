@@ -4,6 +4,7 @@ import asyncio
 import logging
 import math
 import uuid
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,9 +13,10 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustChanne
 from opentelemetry.trace import SpanKind, Tracer
 
 from worker import tracing
+from worker.broker import headers as bookkeeping
 from worker.broker.connect import BROKER_ERRORS
 from worker.events import Announcement, KeyCleanup
-from worker.queues import LEVELS, Names
+from worker.queues import LEVELS, PRODUCER, Names
 
 log = logging.getLogger("worker.publisher")
 
@@ -22,6 +24,10 @@ MAX_DELAY: int = 2**LEVELS - 1  # seconds, about 8.5 years
 CONFIRM_TIMEOUT = 15.0  # seconds to wait for the broker's confirm before calling it failed
 # After a reconnect the channels come back one by one: a publish waits this long for its own.
 RESTORE_TIMEOUT = 10.0
+
+# The trusted producer of the message being handled (None: none), set once per message by the
+# consumer: its outcome events go to it alone, and the expiry timers set meanwhile carry it.
+announce_to: ContextVar[str | None] = ContextVar("announce_to", default=None)
 
 
 def _whole(seconds: float) -> int:
@@ -137,17 +143,31 @@ class Publisher:
             expires_at=expires_at,
         ).model_dump_json()
         seconds = (expires_at - datetime.now(UTC)).total_seconds()
+        # The grant's producer hears of the key's deletion ("": nobody).
+        producer = bookkeeping.write(bookkeeping.Bookkeeping(publisher=announce_to.get() or ""))
         await self.delayed(
-            self.names.cleanup, body.encode(), seconds, message_id=f"cleanup-{instant_key_id}"
+            self.names.cleanup,
+            body.encode(),
+            seconds,
+            message_id=f"cleanup-{instant_key_id}",
+            headers=producer,
         )
 
     async def announce(self, outcome: Announcement) -> None:
-        """An outcome event on the main exchange, routing key = its type, for booking systems
-        to bind to. With no booking system's queue bound, ``<ns>.unheard`` takes it and keeps
+        """An outcome event on ``<ns>.outcomes``, routing key ``<producer>.<type>``, for the
+        producer of the message being handled alone; none for a message without a trusted
+        producer. With no queue of that producer's, ``<ns>.unheard`` takes it and keeps
         nothing."""
+        producer = announce_to.get()
+        if producer is None or not PRODUCER.fullmatch(producer):
+            log.debug("no trusted producer to hear the %s outcome", outcome.type)
+            return
         try:
-            await self.publish_event(
-                outcome.type, outcome.model_dump_json().encode(), str(uuid.uuid4())
+            await self.publish(
+                self.names.outcomes,
+                f"{producer}.{outcome.type}",
+                outcome.model_dump_json().encode(),
+                message_id=str(uuid.uuid4()),
             )
         except BROKER_ERRORS as exc:
             log.warning("could not publish the %s outcome (%s)", outcome.type, type(exc).__name__)

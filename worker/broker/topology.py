@@ -7,13 +7,13 @@ cluster, measured); a number sets ``x-quorum-initial-group-size`` and the stream
 value refuses another (PRECONDITION_FAILED), so choose it before the first start; changing the
 members of existing queues is `rabbitmq-queues grow` / `shrink`, not this setting."""
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, ExchangeType
 
-from worker.events import ANNOUNCEMENTS
 from worker.queues import DELIVERY_LIMIT, LEVELS, Names
 
 REVOKE_RETENTION = timedelta(days=30)
@@ -29,10 +29,14 @@ def _level_pattern(level: int, bit: str) -> str:
 
 
 def plan(
-    names: Names, revoke_retention: timedelta = REVOKE_RETENTION, quorum_size: int | None = None
+    names: Names,
+    revoke_retention: timedelta = REVOKE_RETENTION,
+    quorum_size: int | None = None,
+    producers: Sequence[str] = (),
 ) -> list[tuple[str, str, dict[str, Any]]]:
     """The topology as (kind, name, details) rows, for declaring, printing and checking.
-    An exchange's details are its type and its arguments."""
+    An exchange's details are its type and its arguments. ``producers``: a queue of its own
+    outcome events for each (`ikw topology --producer`)."""
     quorum: dict[str, Any] = {"x-queue-type": "quorum"}
     replicas: dict[str, Any] = {}
     if quorum_size is not None:
@@ -44,12 +48,11 @@ def plan(
         ("exchange", names.unroutable, {"type": "fanout"}),
         ("queue", names.unroutable, dict(quorum)),
         ("binding", names.unroutable, {"exchange": names.unroutable, "key": "#"}),
+        # Outcome events, routing key <producer>.<type>: each producer reads only its own queue.
+        ("exchange", names.outcomes, {"type": "topic"}),
         # The outcome events nobody listens to: kept by none, dropped by the broker.
         ("queue", names.unheard, {"x-max-length": 0, "x-overflow": "drop-head"}),
-        *(
-            ("binding", names.unheard, {"exchange": names.exchange, "key": key})
-            for key in ANNOUNCEMENTS
-        ),
+        ("binding", names.unheard, {"exchange": names.outcomes, "key": "#"}),
         ("exchange", names.deliver, {"type": "topic"}),
         ("queue", names.dead, dict(quorum)),
         (
@@ -90,6 +93,10 @@ def plan(
         rows.append(
             ("exchange-binding", lower, {"exchange": name, "key": _level_pattern(level, "0")})
         )
+    for producer in producers:
+        queue = names.outcome_queue(producer)
+        rows.append(("queue", queue, dict(quorum)))
+        rows.append(("binding", queue, {"exchange": names.outcomes, "key": f"{producer}.#"}))
     return rows
 
 
@@ -98,10 +105,11 @@ async def declare(
     names: Names,
     revoke_retention: timedelta = REVOKE_RETENTION,
     quorum_size: int | None = None,
+    producers: Sequence[str] = (),
 ) -> None:
     exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
     queues: dict[str, aio_pika.abc.AbstractQueue] = {}
-    rows = plan(names, revoke_retention, quorum_size)
+    rows = plan(names, revoke_retention, quorum_size, producers)
     for kind, name, details in rows:
         if kind == "exchange":
             kind_of, arguments = details["type"], {k: v for k, v in details.items() if k != "type"}
@@ -117,10 +125,10 @@ async def declare(
             await exchanges[name].bind(exchanges[details["exchange"]], details["key"])
 
 
-async def check(channel: AbstractChannel, names: Names) -> list[str]:
+async def check(channel: AbstractChannel, names: Names, producers: Sequence[str] = ()) -> list[str]:
     """Names of the exchanges and queues that are missing (passive declares)."""
     missing = []
-    for kind, name, _ in plan(names):
+    for kind, name, _ in plan(names, producers=producers):
         try:
             if kind == "exchange":
                 await channel.get_exchange(name, ensure=True)
@@ -132,17 +140,17 @@ async def check(channel: AbstractChannel, names: Names) -> list[str]:
     return missing
 
 
-async def delete(channel: AbstractChannel, names: Names) -> None:
+async def delete(channel: AbstractChannel, names: Names, producers: Sequence[str] = ()) -> None:
     """Remove a namespace (tests, and `ikw topology --delete`)."""
-    for name in names.all_queues():
+    for name in [*names.all_queues(), *map(names.outcome_queue, producers)]:
         await channel.queue_delete(name)
     for name in names.all_exchanges():
         await channel.exchange_delete(name)
 
 
-def describe(names: Names) -> str:
+def describe(names: Names, producers: Sequence[str] = ()) -> str:
     lines = []
-    for kind, name, details in plan(names):
+    for kind, name, details in plan(names, producers=producers):
         if kind in ("binding", "exchange-binding"):
             lines.append(f"{kind:16} {details['exchange']} --[{details['key']}]--> {name}")
         else:
