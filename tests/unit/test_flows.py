@@ -110,13 +110,20 @@ class Scheduled:
 class MemoryFence:
     def __init__(self) -> None:
         self.revoked: dict[str, datetime] = {}
+        self.delivered: dict[str, datetime] = {}
 
     def revoked_at(self, names: Iterable[str]) -> datetime | None:
         return max((self.revoked[n] for n in names if n in self.revoked), default=None)
 
-    async def record(self, names: Iterable[str], occurred_at: datetime) -> None:
+    def delivered_for(self, instant_key_id: str) -> datetime | None:
+        return self.delivered.get(instant_key_id)
+
+    async def record_revoke(self, names: Iterable[str], occurred_at: datetime) -> None:
         for name in names:
             self.revoked[name] = max(occurred_at, self.revoked.get(name, occurred_at))
+
+    async def record_delivery(self, instant_key_id: str, grant_at: datetime, _: datetime) -> None:
+        self.delivered[instant_key_id] = max(grant_at, self.delivered.get(instant_key_id, grant_at))
 
     async def wait_caught_up(self) -> None:
         pass
@@ -270,7 +277,7 @@ async def test_a_grant_older_than_a_recorded_revoke_is_fenced_before_anything_ha
     seam, fence = MemorySeam(), MemoryFence()
     sms = Recorder("sms")
     flow, _ = flows(seam, sms, fence=fence)
-    await fence.record(["key:guest-1"], NOW)
+    await fence.record_revoke(["key:guest-1"], NOW)
     outcome = await flow.grant(event(NOW - timedelta(minutes=5)))
     assert outcome.action is Action.FENCED
     assert (sms.sent, seam.keys) == ([], {})
@@ -291,7 +298,7 @@ async def test_a_new_booking_after_a_revoke_is_delivered() -> None:
     seam, fence = MemorySeam(), MemoryFence()
     sms = Recorder("sms")
     flow, _ = flows(seam, sms, fence=fence)
-    await fence.record(["key:guest-1"], NOW - timedelta(minutes=5))
+    await fence.record_revoke(["key:guest-1"], NOW - timedelta(minutes=5))
     outcome = await flow.grant(event(NOW - timedelta(minutes=1)))
     assert outcome.action is Action.GRANTED and len(sms.sent) == 1
 

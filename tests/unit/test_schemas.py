@@ -23,6 +23,7 @@ def test_asyncapi_names_the_exchange_and_routing_keys() -> None:
         "access.delivered",
         "access.delivery_failed",
         "instant_key.deleted",
+        "access.revoke_completed",
     }
     actions = {
         op["channel"]["$ref"].rsplit("/", 1)[1]: op["action"] for op in doc["operations"].values()
