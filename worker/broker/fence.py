@@ -73,8 +73,6 @@ class StreamFence:
         publisher: Publisher,
         worker_user: str,
         retention: timedelta = timedelta(days=30),
-        *,
-        snapshot_every: int = SNAPSHOT_EVERY,
     ) -> None:
         self.names = names
         self.publisher = publisher
@@ -83,12 +81,12 @@ class StreamFence:
         self.caught_up = asyncio.Event()
         self.read = 0  # entries read since start
         self.memory = 0  # bytes the record holds, as of the last catch-up or snapshot
-        self.snapshot_every = snapshot_every
+        self.snapshot_every = SNAPSHOT_EVERY
         self._first: int | None = None  # offset of the first entry this replica read
         self._offset: int | None = None  # offset of the last entry read
         self._start: int | str = "first"
         self._snapshot_from = 0  # offset the latest snapshot seen covers up to (exclusive)
-        self._threshold = snapshot_every * random.uniform(1.0, 1.2)  # replicas rarely both write
+        self._threshold = self.snapshot_every * random.uniform(1.0, 1.2)  # rarely two at once
         self._waiting: dict[str, asyncio.Future[None]] = {}
         self._channel: AbstractChannel | None = None
         self._catching_up: asyncio.Task[None] | None = None
@@ -216,6 +214,7 @@ class StreamFence:
         self.record.prune()
         self.memory = self.record.memory()
         self.caught_up.set()
+        self._maybe_snapshot()
 
     def stop(self) -> None:
         for task in (self._catching_up, self._snapshotting):
