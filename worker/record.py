@@ -118,7 +118,10 @@ class Record:
             if when is None:
                 raise ValueError("no time")
             at = millis(when, up=True)
-        for name in entry["names"]:
+        names = entry["names"]
+        if not isinstance(names, list):
+            raise TypeError("names is not a list")
+        for name in names:
             self._revoked(str(name), int(at))
 
     def _revoked(self, name: str, at: int) -> None:
