@@ -353,7 +353,8 @@ async def test_a_revoke_deletes_keys_of_earlier_or_unknown_grants_and_says_so() 
     assert outcome.deleted == 2 and list(seam.keys) == [later.instant_key_id]
     completed = heard.outcomes[-1]
     assert isinstance(completed, RevokeCompleted)
-    assert (completed.event_id, completed.grant_id) == (revoke_event.event_id, revoke_event.grant_id)
+    assert completed.event_id == revoke_event.event_id
+    assert completed.grant_id == revoke_event.grant_id
     assert (completed.deleted, completed.kept) == (2, 1)
     assert completed.revoked_at == revoke_event.occurred_at
     assert completed.user_identity.user_identity_id == "ui-1"
