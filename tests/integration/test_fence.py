@@ -4,12 +4,14 @@ the delay queues, from another replica, from the dead-letter queue or after a re
 import asyncio
 import json
 import os
+import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.builders import grant, revoke
@@ -20,6 +22,7 @@ from tests.integration.conftest import (
     dead_letters,
     drain,
 )
+from worker import config
 from worker.broker import fence
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
@@ -225,14 +228,25 @@ async def test_a_replica_starts_from_the_latest_snapshot_of_a_large_fence_and_fe
     amqp: Any,
     log_lines: list[str],
     monkeypatch: pytest.MonkeyPatch,
+    worker_env: dict[str, str],
 ) -> None:
     monkeypatch.setattr(fence, "SNAPSHOT_EVERY", 2000)
     channel = await amqp.channel(publisher_confirms=True)
     await fill_fence(channel, names, BROKER_USER, 20_000, datetime.now(UTC))
-    first = await start_worker()  # reads all 20,000, then writes a snapshot
-    assert first.fence is not None and first.fence.read > 20_000
-    await wait_for(lambda: any("wrote a snapshot" in line for line in log_lines), 30, "a snapshot")
-    await first.stop()
+    first = Service(config.load(worker_env))  # reads all 20,000, then writes a snapshot
+    starting = asyncio.create_task(first.start())
+    try:
+        await wait_for(lambda: first.fence and 0 < first.fence.read < 10_000, 30, "reading")
+        assert first.http is not None
+        async with aiohttp.ClientSession() as http, http.get(f"{first.http.url}/readyz") as got:
+            assert got.status == 503
+            why = (await got.json())["why"]
+        assert re.fullmatch(r"catching up with the revocation fence: \d+ records read", why)
+        await starting
+        assert first.fence is not None and first.fence.read > 20_000
+        await wait_for(lambda: any("wrote a snapshot" in x for x in log_lines), 30, "a snapshot")
+    finally:
+        await first.stop()
 
     second = await start_worker()
     assert second.fence is not None and second.fence.read < 100  # the snapshot's parts, a marker
