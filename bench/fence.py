@@ -125,10 +125,11 @@ async def run(args: argparse.Namespace) -> None:
                 await fill_fence(channel, names, user, count, now, prefix=f"guest-{start}-")
                 print(f"filled {start + count}", file=sys.stderr)
             fill_seconds = time.monotonic() - began
+            snapshots = 0
             if not args.no_snapshots:
                 await until_quiet(http, follower_port, followed, deadline)
                 await follower.stop()
-            snapshots = len(logged(log_dir / "follower" / "worker-0.log", SNAPSHOT_LINE))
+                snapshots = len(logged(log_dir / "follower" / "worker-0.log", SNAPSHOT_LINE))
             now = datetime.now(UTC)
             await fill_fence(channel, names, user, args.tail, now, prefix="tail-")
 
