@@ -220,6 +220,20 @@ async def test_a_late_revoke_leaves_the_newer_bookings_key_alive(
     assert len(sandbox.twilio.outbox) == 2
 
 
+async def test_another_replica_knows_which_grant_a_key_was_delivered_for(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names
+) -> None:
+    first = await start_worker()
+    await publish(grant("guest-1", occurred_at=at(0)))
+    await wait_for(lambda: sandbox.twilio.outbox, 15, "the SMS")
+    await first.stop()
+
+    second = await start_worker()  # reads the delivery back from the record
+    await publish(revoke("guest-1") | {"occurred_at": at(3600)})
+    await wait_for(lambda: settled(second, names.revocations, "acked") == 1, 15, "the revoke")
+    assert len(live_keys(sandbox, "guest-1")) == 1
+
+
 async def test_a_replica_starts_from_the_latest_snapshot_of_a_large_fence_and_fences(
     sandbox: Sandbox,
     start_worker: StartWorker,
