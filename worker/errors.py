@@ -31,6 +31,7 @@ REASONS = frozenset(
         "key_identity_mismatch",
         "stale_grant",
         "unroutable",
+        "crash_loop",
         # RabbitMQ's own
         "delivery_limit",
         "rejected",

@@ -18,6 +18,7 @@ from worker.broker.consumer import Consumer
 from worker.broker.decision import Limits, Trust
 from worker.broker.fence import StreamFence
 from worker.broker.publisher import Publisher
+from worker.broker.returns import Returns
 from worker.channels import EmailChannel, SmsChannel
 from worker.channels.templates import TemplateProblem, Templates
 from worker.config import Settings
@@ -130,6 +131,8 @@ class Service:
         self.stopping = asyncio.Event()
         self._guard: asyncio.Task[None] | None = None
         self._catching_up: asyncio.Task[None] | None = None
+        self._recording: asyncio.Task[None] | None = None
+        self.returns = Returns()
         self._paused_by = ""
         self._channels: list[AbstractChannel] = []
         self.metrics.ready.set_function(lambda: float(self.ready))
@@ -175,11 +178,15 @@ class Service:
         following = await self.connection.channel()
         self._channels = [consuming, publishing, following]
         if self.settings.declare:
+            # On a channel of its own, closed after: a robust channel would declare the whole
+            # topology again at every reopen, and one queue without a leader failed it all.
+            declaring = await self.connection.channel()
             await topology.declare(
-                publishing, self.names, self.settings.revoke_retention, self.settings.quorum_size
+                declaring, self.names, self.settings.revoke_retention, self.settings.quorum_size
             )
+            await declaring.close()
         publisher = Publisher(publishing, self.names, self.settings.broker_user, tracer=self.tracer)
-        self.fence = StreamFence(self.names, publisher, self.settings.broker_user)
+        self.fence = StreamFence(self.names, publisher, self.settings.broker_user, self.returns)
         await self.fence.start(following)
         flows = Flows(
             self.seam,
@@ -200,8 +207,11 @@ class Service:
             trust=Trust(self.settings.broker_user, self.settings.trusted_publishers),
             deadline=self.settings.message_deadline,
             on_credentials_refused=self._credentials_refused,
+            returns=self.returns,
             tracer=self.tracer,
         )
+        consuming.close_callbacks.add(self.consumer.lost)
+        self._recording = asyncio.create_task(self.returns.record(self.fence.append))
         log.info(
             "worker started",
             extra={
@@ -217,6 +227,7 @@ class Service:
 
     def _connection_lost(self, *_: object) -> None:
         if not self.stopping.is_set():
+            self.metrics.reconnects.inc()
             log.warning("lost the connection to RabbitMQ; reconnecting")
 
     def _reconnected(self, *_: object) -> None:
@@ -305,6 +316,12 @@ class Service:
             cancelled = await self.consumer.stop(self.settings.shutdown_grace.total_seconds())
             if cancelled:
                 log.warning("%d messages left unfinished; the broker requeues them", cancelled)
+        if self._recording and self.fence:
+            self._recording.cancel()
+            try:  # the replicas that take them over must not count them as crashes
+                await asyncio.wait_for(self.returns.flush(self.fence.append), CLOSE_TIMEOUT)
+            except (TimeoutError, *BROKER_ERRORS):
+                log.warning("could not record the messages given back")
         if self.connection:
             try:
                 await asyncio.wait_for(self.connection.close(), CLOSE_TIMEOUT)

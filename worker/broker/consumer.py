@@ -26,6 +26,7 @@ from worker.broker.decision import (
     Leave,
     Limits,
     Requeue,
+    Reset,
     Retry,
     Settled,
     Trust,
@@ -37,6 +38,7 @@ from worker.broker.decision import (
 )
 from worker.broker.headers import Bookkeeping
 from worker.broker.publisher import Publisher
+from worker.broker.returns import Returns, delivery_count, key, redelivered
 from worker.errors import CredentialsRefused, Permanent, Transient
 from worker.events import (
     ANNOUNCEMENTS,
@@ -71,6 +73,7 @@ class Consumer:
         trust: Trust,
         deadline: timedelta,
         on_credentials_refused: Callable[[CredentialsRefused], None],
+        returns: Returns | None = None,
         tracer: Tracer | None = None,
     ) -> None:
         self.channel = channel
@@ -82,16 +85,23 @@ class Consumer:
         self.trust = trust
         self.deadline = deadline
         self.on_credentials_refused = on_credentials_refused
+        self.returns = returns or Returns()
         self.tracer = tracer or tracing.tracer()
         # Queue -> the message type it takes; None for the main exchange's unroutable events.
         self._takes: dict[str, str | None] = {**names.takes, names.unroutable: None}
         self._queues: dict[str, AbstractQueue] = {}
         self._tags: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._holding: dict[AbstractIncomingMessage, str] = {}  # unsettled message -> its queue
 
     @property
     def consuming(self) -> bool:
         return bool(self._tags)
+
+    @property
+    def holding(self) -> int:
+        """Messages in hand, unsettled, on a channel still open."""
+        return sum(1 for message in self._holding if _held(message))
 
     async def resume(self) -> None:
         for name in self._takes:
@@ -124,10 +134,17 @@ class Consumer:
         if not self._tasks:
             return 0
         _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        self.lost(still_held=True)  # what we leave goes back to the broker at the close
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         return len(pending)
+
+    def lost(self, *_: object, still_held: bool = False) -> None:
+        """Note the messages the broker takes back: those held on a channel that closed (a
+        channel close callback), or all still held (``still_held``, when stopping)."""
+        gone = [m for m in self._holding if still_held or not _held(m)]
+        self.returns.note(key(self._holding.pop(m), m.body) for m in gone)
 
     async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
         # aio-pika runs each delivery's callback in a task of its own: the message is handled in
@@ -162,6 +179,7 @@ class Consumer:
     async def _handle(self, queue: str, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
         self.metrics.in_flight.inc()
+        self._holding[message] = queue
         # x-ikw-* headers are ours: from anyone but the worker's own user they are not read.
         own = message.user_id == self.trust.worker
         book = headers.read(message.headers) if own else Bookkeeping()
@@ -175,13 +193,15 @@ class Consumer:
         error: Exception | None = None
         decided: Decision | None = None
         parsed: list[Event] = []
+        early = self._redelivered(queue, message, book, ctx)
         try:
             try:
-                outcome = await self._work(queue, message, producer, ctx, parsed)
+                if early is None:
+                    outcome = await self._work(queue, message, producer, ctx, parsed)
             except Exception as exc:
                 error = exc
             try:
-                decided = decide(
+                decided = early or decide(
                     error,
                     held=_held(message),
                     attempt=book.attempt,
@@ -206,8 +226,23 @@ class Consumer:
             ctx["ms"] = round((time.monotonic() - started) * 1000, 1)
             log.info("message %s", settled, extra={"ctx": ctx})
         finally:
+            # Not settled, and its channel gone (aio-pika cancels the handler with it).
+            if self._holding.get(message) and not _held(message):
+                self.lost()
+            self._holding.pop(message, None)
             self.metrics.in_flight.dec()
             self.metrics.seconds.labels(queue).observe(time.monotonic() - started)
+
+    def _redelivered(
+        self, queue: str, message: AbstractIncomingMessage, book: Bookkeeping, ctx: dict[str, Any]
+    ) -> Reset | DeadLetter | None:
+        """A crash loop, or a copy afresh before the broker's delivery limit (see returns)."""
+        count = delivery_count(message.headers)
+        if not count:
+            return None
+        returned = self.returns.returns(key(queue, message.body))
+        ctx.update(delivery_count=count, returned=returned, deliveries=book.deliveries)
+        return redelivered(count, book.deliveries, returned)
 
     async def _work(
         self,
@@ -275,6 +310,10 @@ class Consumer:
             routing_key=book.routing_key or message.routing_key or "",
             publisher=producer or "",
         )
+        if isinstance(decided, Reset):
+            return await self._republish(
+                queue, message, replace(book, deliveries=decided.deliveries), Settled.REQUEUED
+            )
         if isinstance(decided, Requeue):
             settled = await self._republish(queue, message, book, Settled.REQUEUED)
             assert isinstance(error, CredentialsRefused)
@@ -349,6 +388,7 @@ class Consumer:
             # The channel closed under us: the broker redelivers the message and it is redone.
             log.warning("ack lost with the channel; the message will be redone")
             return Settled.REDELIVERED
+        self._holding.pop(message, None)
         return Settled.ACKED
 
     async def _give_back(self, message: AbstractIncomingMessage, exc: Exception | None) -> Settled:
@@ -369,6 +409,9 @@ class Consumer:
             await message.nack(requeue=True)
         except BROKER_ERRORS:
             pass  # the channel is gone: the broker has it back already
+        queue = self._holding.pop(message, None)  # a return, as by a lost channel
+        if queue is not None:
+            self.returns.note([key(queue, message.body)])
         return Settled.RETURNED if exc is not None else Settled.REDELIVERED
 
     async def _announce_failure(self, parsed: list[Event], dead: DeadLetter) -> None:

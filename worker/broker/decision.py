@@ -45,6 +45,14 @@ class Requeue:
 
 
 @dataclass(frozen=True)
+class Reset:
+    """A fresh copy to its queue, so returns by lost channels never walk the message to the
+    broker's delivery limit; ``deliveries`` the copy carries (see ``returns.redelivered``)."""
+
+    deliveries: int
+
+
+@dataclass(frozen=True)
 class Retry:
     delay: float
     attempt: int  # the attempt number the retried message will carry
@@ -58,7 +66,7 @@ class DeadLetter:
     error: str
 
 
-Decision = Ack | Leave | Requeue | Retry | DeadLetter
+Decision = Ack | Leave | Requeue | Reset | Retry | DeadLetter
 
 
 @dataclass(frozen=True)

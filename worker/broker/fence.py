@@ -8,12 +8,14 @@ import logging
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from worker.broker.connect import BROKER_ERRORS
 from worker.broker.headers import moment
 from worker.broker.publisher import Publisher
+from worker.broker.returns import RETURNED, Returns
 from worker.errors import Transient
 from worker.queues import Names
 
@@ -24,10 +26,13 @@ CATCH_UP_TIMEOUT = 10.0  # how long a marker may take to come back, and a grant 
 
 
 class StreamFence:
-    def __init__(self, names: Names, publisher: Publisher, worker_user: str) -> None:
+    def __init__(
+        self, names: Names, publisher: Publisher, worker_user: str, returns: Returns | None = None
+    ) -> None:
         self.names = names
         self.publisher = publisher
         self.worker_user = worker_user
+        self.returns = returns or Returns()
         self.caught_up = asyncio.Event()
         self._revoked: dict[str, datetime] = {}
         self._markers: dict[str, asyncio.Future[None]] = {}
@@ -43,6 +48,10 @@ class StreamFence:
         body = json.dumps({"names": listed, "occurred_at": occurred_at.isoformat()})
         await self.publisher.to_queue(self.names.fence, body.encode())
         self._remember(listed, occurred_at)
+
+    async def append(self, entry: dict[str, Any]) -> None:
+        """A record of another type (see ``returns``), confirmed."""
+        await self.publisher.to_queue(self.names.fence, json.dumps(entry).encode())
 
     async def wait_caught_up(self) -> None:
         """Until this replica has read every revoke recorded before it (re)connected."""
@@ -98,6 +107,9 @@ class StreamFence:
             entry = None
         if not isinstance(entry, dict):
             log.warning("ignored a malformed fence record")
+            return
+        if entry.get("t") == RETURNED:
+            self.returns.apply(entry)
             return
         marker = entry.get("marker")
         if isinstance(marker, str):

@@ -18,6 +18,7 @@ ERROR = "x-ikw-error"
 ATTEMPTS = "x-ikw-attempts"
 SOURCE_QUEUE = "x-ikw-source-queue"
 DEAD_LETTERED_AT = "x-ikw-dead-lettered-at"
+DELIVERIES = "x-ikw-deliveries"
 
 MAX_ATTEMPT = 100_000
 # Headers the broker adds when dead-lettering: a copy that keeps them would be seen as a
@@ -41,6 +42,8 @@ class Bookkeeping:
     attempts: int | None = None
     source_queue: str | None = None
     dead_lettered_at: datetime | None = None
+    # Deliveries of the copies before this one (x-delivery-count), kept across resets and retries.
+    deliveries: int = 0
 
 
 def read(headers: Mapping[str, Any] | None) -> Bookkeeping:
@@ -57,6 +60,7 @@ def read(headers: Mapping[str, Any] | None) -> Bookkeeping:
         attempts=_count(h.get(ATTEMPTS)),
         source_queue=_text(h.get(SOURCE_QUEUE)),
         dead_lettered_at=moment(h.get(DEAD_LETTERED_AT)),
+        deliveries=_count(h.get(DELIVERIES)) or 0,
     )
 
 
@@ -82,6 +86,7 @@ def write(book: Bookkeeping) -> dict[str, Any]:
         ATTEMPTS: book.attempts,
         SOURCE_QUEUE: book.source_queue,
         DEAD_LETTERED_AT: book.dead_lettered_at.isoformat() if book.dead_lettered_at else None,
+        DELIVERIES: book.deliveries or None,
     }
     return {key: value for key, value in fields.items() if value is not None}
 
