@@ -61,7 +61,7 @@ async def test_a_grant_that_kills_the_worker_is_dead_lettered_as_a_crash_loop(
         seen = len(sandbox.seam.requests)
         dead = asyncio.ensure_future(dead_letters(amqp, names, 1, within=30))
         held = asyncio.ensure_future(
-            wait_for(lambda: len(sandbox.seam.requests) > seen, 30, "the grant in hand")
+            wait_for(lambda n=seen: len(sandbox.seam.requests) > n, 30, "the grant in hand")
         )
         await asyncio.wait([dead, held], return_when=asyncio.FIRST_COMPLETED)
         if dead.done():
