@@ -21,6 +21,12 @@ StartWorker = Callable[..., Awaitable[Service]]
 PHONE = "+14155550142"
 
 
+async def seam_called(sandbox: Sandbox) -> None:
+    """Until the next Seam call: a worker has the grant in hand."""
+    seen = len(sandbox.seam.requests)
+    await wait_for(lambda: len(sandbox.seam.requests) > seen, 30, "the grant in hand")
+
+
 def reconnects(service: Service) -> float | None:
     return service.metrics.registry.get_sample_value("ikw_broker_reconnects_total")
 
@@ -58,11 +64,8 @@ async def test_a_grant_that_kills_the_worker_is_dead_lettered_as_a_crash_loop(
     kills = 0
     while True:
         worker = await processes()
-        seen = len(sandbox.seam.requests)
         dead = asyncio.ensure_future(dead_letters(amqp, names, 1, within=30))
-        held = asyncio.ensure_future(
-            wait_for(lambda n=seen: len(sandbox.seam.requests) > n, 30, "the grant in hand")
-        )
+        held = asyncio.ensure_future(seam_called(sandbox))
         await asyncio.wait([dead, held], return_when=asyncio.FIRST_COMPLETED)
         if dead.done():
             held.cancel()
