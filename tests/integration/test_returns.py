@@ -7,6 +7,8 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aio_pika
+
 from tests.builders import grant
 from tests.integration.conftest import WorkerProcess, dead_letters, drain
 from worker.broker.returns import CRASH_LIMIT
@@ -41,6 +43,7 @@ async def test_a_grant_given_back_by_more_lost_channels_than_the_limit_is_delive
     await publish(grant("guest-lost", phone=PHONE))
     for cut in range(DELIVERY_LIMIT + 2):
         await wait_for(lambda: consumer.holding > 0, 20, f"the grant in hand ({cut})")
+        assert isinstance(consumer.channel, aio_pika.abc.AbstractRobustChannel)
         await asyncio.wait_for(consumer.channel.ready(), 10)  # its consumers all restored
         # What a node going away does to the consumer's channel: the grant goes back unacked.
         await (await consumer.channel.get_underlay_channel()).close()
