@@ -409,8 +409,8 @@ class Consumer:
             await message.nack(requeue=True)
         except BROKER_ERRORS:
             pass  # the channel is gone: the broker has it back already
-        queue = self._holding.pop(message, None)  # a return, as by a lost channel
-        if queue is not None:
+        queue = self._holding.pop(message, None)
+        if queue is not None and exc is None:  # the broker failed us: not the message's doing
             self.returns.note([key(queue, message.body)])
         return Settled.RETURNED if exc is not None else Settled.REDELIVERED
 
