@@ -635,7 +635,7 @@ def plan_rows(o: Outcome) -> list[tuple[str, object]]:
     published = sum(g.copies for g in o.grants)
     cuts = f"cut every {o.args.cut_every:g} s" if o.args.cut_every > 0 else "no cuts"
     if o.args.cluster:
-        cuts = "3-node cluster, 2 failovers, no proxy"
+        cuts = "3-node cluster: leader stopped, a node SIGKILLed, rolling restart; no proxy"
     return [
         ("grants (distinct events)", len(o.grants)),
         ("identities", f"{len(guests)} ({sum(1 for n in guests.values() if n > 1)} repeated)"),

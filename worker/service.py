@@ -132,6 +132,7 @@ class Service:
         self._guard: asyncio.Task[None] | None = None
         self._catching_up: asyncio.Task[None] | None = None
         self._recording: asyncio.Task[None] | None = None
+        self._connected = True
         self.returns = Returns()
         self._paused_by = ""
         self._channels: list[AbstractChannel] = []
@@ -226,11 +227,14 @@ class Service:
         self._guard = asyncio.create_task(self._wait_for_credentials(None))
 
     def _connection_lost(self, *_: object) -> None:
-        if not self.stopping.is_set():
+        # aio-pika calls this for every failed attempt too (a node still down): said once a loss.
+        if not self.stopping.is_set() and self._connected:
+            self._connected = False
             self.metrics.reconnects.inc()
             log.warning("lost the connection to RabbitMQ; reconnecting")
 
     def _reconnected(self, *_: object) -> None:
+        self._connected = True
         log.info("reconnected to RabbitMQ")
         # Revokes recorded while we were away are read before any grant is decided. A catch-up
         # left over from an earlier reconnect may wait for a marker that connection lost.
