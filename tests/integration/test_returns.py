@@ -11,7 +11,7 @@ import aio_pika
 
 from tests.builders import grant
 from tests.integration.conftest import WorkerProcess, dead_letters, drain
-from worker.broker.returns import CRASH_LIMIT
+from worker.broker.returns import CRASH_LIMIT, VERDICT_DELAY
 from worker.broker.topology import Names
 from worker.queues import DELIVERY_LIMIT
 from worker.sandbox import changed, wait_for
@@ -61,13 +61,14 @@ async def test_a_grant_that_kills_the_worker_is_dead_lettered_as_a_crash_loop(
     names: Names,
     amqp: Any,
 ) -> None:
-    """Whenever a worker holds it, the worker dies (SIGKILL: nothing is noted)."""
+    """Whenever a worker holds it, the worker dies (SIGKILL: nothing is noted). At the crash
+    limit it waits VERDICT_DELAY for returns recorded late, then is dead-lettered unhandled."""
     sandbox.seam.latency = 1.0
     await publish(grant("guest-poison", phone=PHONE))
     kills = 0
     while True:
         worker = await processes()
-        dead = asyncio.ensure_future(dead_letters(amqp, names, 1, within=30))
+        dead = asyncio.ensure_future(dead_letters(amqp, names, 1, within=VERDICT_DELAY + 20))
         held = asyncio.ensure_future(seam_called(sandbox))
         await asyncio.wait([dead, held], return_when=asyncio.FIRST_COMPLETED)
         if dead.done():

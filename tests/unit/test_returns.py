@@ -6,6 +6,7 @@ from worker.broker.decision import DeadLetter, Reset
 from worker.broker.returns import (
     CRASH_LIMIT,
     RESET_AT,
+    VERDICT_DELAY,
     Returns,
     delivery_count,
     key,
@@ -24,19 +25,23 @@ def test_returns_recorded_keep_a_message_from_the_crash_limit_and_a_copy_resets_
     assert redelivered(RESET_AT, RESET_AT, 2 * RESET_AT) == Reset(2 * RESET_AT)
 
 
-def test_unexplained_deliveries_are_crashes_dead_lettered_at_the_limit() -> None:
+def test_unexplained_deliveries_are_crashes_dead_lettered_after_a_wait_for_late_returns() -> None:
     assert redelivered(CRASH_LIMIT - 1, 0, 0) == Reset(CRASH_LIMIT - 1)
-    dead = redelivered(CRASH_LIMIT, 0, 0)
+    # At the limit it waits in the delay queues first, then is judged again, not handled.
+    assert redelivered(CRASH_LIMIT, 0, 0) == Reset(CRASH_LIMIT, VERDICT_DELAY)
+    dead = redelivered(0, CRASH_LIMIT, 0, suspect=True)
     assert isinstance(dead, DeadLetter) and dead.reason == "crash_loop"
+    # Returns recorded meanwhile clear it: handled as usual.
+    assert redelivered(0, CRASH_LIMIT, 1, suspect=True) is None
     # Crashes before a copy count after it.
-    assert isinstance(redelivered(1, CRASH_LIMIT - 1, 0), DeadLetter)
+    assert redelivered(1, CRASH_LIMIT - 1, 0) == Reset(CRASH_LIMIT, VERDICT_DELAY)
 
 
 def test_a_return_recorded_after_the_copy_still_counts() -> None:
     """The copy was made before two returns were read: it carries the deliveries, not crashes,
     so the late records lower the count at the copy's next delivery."""
     carried = 2  # copied at a delivery count of 2, no return known then
-    assert isinstance(redelivered(1, carried, 0), DeadLetter)  # had they never come
+    assert redelivered(1, carried, 0) == Reset(3, VERDICT_DELAY)  # had they not come yet
     assert redelivered(1, carried, 2) is None
 
 

@@ -238,11 +238,11 @@ class Consumer:
     ) -> Reset | DeadLetter | None:
         """A crash loop, or a copy afresh before the broker's delivery limit (see returns)."""
         count = delivery_count(message.headers)
-        if not count:
+        if not count and not book.suspect:
             return None
         returned = self.returns.returns(key(queue, message.body))
         ctx.update(delivery_count=count, returned=returned, deliveries=book.deliveries)
-        return redelivered(count, book.deliveries, returned)
+        return redelivered(count, book.deliveries, returned, book.suspect)
 
     async def _work(
         self,
@@ -311,9 +311,9 @@ class Consumer:
             publisher=producer or "",
         )
         if isinstance(decided, Reset):
-            return await self._republish(
-                queue, message, replace(book, deliveries=decided.deliveries), Settled.REQUEUED
-            )
+            copy = replace(book, deliveries=decided.deliveries, suspect=decided.delay > 0)
+            delay = decided.delay or None
+            return await self._republish(queue, message, copy, Settled.REQUEUED, delay)
         if isinstance(decided, Requeue):
             settled = await self._republish(queue, message, book, Settled.REQUEUED)
             assert isinstance(error, CredentialsRefused)
@@ -327,8 +327,9 @@ class Consumer:
                 attempt=decided.attempt,
                 first_failed_at=decided.first_failed_at,
                 last_error=decided.error,
+                suspect=False,
             )
-            return await self._republish(queue, message, retry, Settled.RETRIED, decided)
+            return await self._republish(queue, message, retry, Settled.RETRIED, decided.delay)
         assert isinstance(decided, DeadLetter)
         now = datetime.now(UTC)
         dead = Bookkeeping(
@@ -354,7 +355,7 @@ class Consumer:
         message: AbstractIncomingMessage,
         book: Bookkeeping,
         done: Settled,
-        retry: Retry | None = None,
+        delay: float | None = None,
     ) -> Settled:
         """A copy with ``book``'s headers, confirmed, then the original acked."""
         properties: dict[str, Any] = {
@@ -368,8 +369,8 @@ class Consumer:
             await self.publisher.ready()
             if not _held(message):
                 return Settled.ABANDONED  # taken back while we waited: a copy would double it
-            if retry is not None:
-                await self.publisher.delayed(target, message.body, retry.delay, **properties)
+            if delay is not None:
+                await self.publisher.delayed(target, message.body, delay, **properties)
             else:
                 await self.publisher.to_queue(target, message.body, **properties)
         except BROKER_ERRORS as exc:

@@ -19,6 +19,7 @@ ATTEMPTS = "x-ikw-attempts"
 SOURCE_QUEUE = "x-ikw-source-queue"
 DEAD_LETTERED_AT = "x-ikw-dead-lettered-at"
 DELIVERIES = "x-ikw-deliveries"
+SUSPECT = "x-ikw-suspect"
 
 MAX_ATTEMPT = 100_000
 # Headers the broker adds when dead-lettering: a copy that keeps them would be seen as a
@@ -44,6 +45,8 @@ class Bookkeeping:
     dead_lettered_at: datetime | None = None
     # Deliveries of the copies before this one (x-delivery-count), kept across resets and retries.
     deliveries: int = 0
+    # Sent through the delay queues to wait for late returns before a crash_loop verdict.
+    suspect: bool = False
 
 
 def read(headers: Mapping[str, Any] | None) -> Bookkeeping:
@@ -61,6 +64,7 @@ def read(headers: Mapping[str, Any] | None) -> Bookkeeping:
         source_queue=_text(h.get(SOURCE_QUEUE)),
         dead_lettered_at=moment(h.get(DEAD_LETTERED_AT)),
         deliveries=_count(h.get(DELIVERIES)) or 0,
+        suspect=_count(h.get(SUSPECT)) == 1,
     )
 
 
@@ -87,6 +91,7 @@ def write(book: Bookkeeping) -> dict[str, Any]:
         SOURCE_QUEUE: book.source_queue,
         DEAD_LETTERED_AT: book.dead_lettered_at.isoformat() if book.dead_lettered_at else None,
         DELIVERIES: book.deliveries or None,
+        SUSPECT: 1 if book.suspect else None,
     }
     return {key: value for key, value in fields.items() if value is not None}
 

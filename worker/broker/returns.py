@@ -18,6 +18,9 @@ RETURNED = "returned"  # the record's type: {"t": "returned", "id": ..., "keys":
 CRASH_LIMIT = 3  # unexplained deliveries (crashes) before a message is dead-lettered
 RESET_AT = 2  # a delivery count from which the message is copied afresh (the broker's limit: 5)
 BACKOFF_CAP = 10.0  # seconds between attempts to record, while the broker is away
+# A message at the crash limit waits this long (delay queues) for returns recorded late (their
+# worker was reconnecting) before it is dead-lettered: lost channels cost it time, not the key.
+VERDICT_DELAY = 10.0
 
 
 def key(queue: str, body: bytes) -> str:
@@ -25,15 +28,20 @@ def key(queue: str, body: bytes) -> str:
     return hashlib.sha256(queue.encode() + b"\0" + body).hexdigest()[:24]
 
 
-def redelivered(count: int, carried: int, returned: int) -> Reset | DeadLetter | None:
+def redelivered(
+    count: int, carried: int, returned: int, suspect: bool = False
+) -> Reset | DeadLetter | None:
     """What a delivery with ``x-delivery-count`` ``count`` becomes. ``carried``: the deliveries of
-    the copies before it (``x-ikw-deliveries``); ``returned``: the returns recorded for its key.
-    Returns recorded late only lower the count later: the copy carries deliveries, not crashes."""
+    the copies before it (``x-ikw-deliveries``); ``returned``: the returns recorded for its key;
+    ``suspect``: it waited VERDICT_DELAY at the limit already. Returns recorded late only lower
+    the count later: the copy carries deliveries, not crashes."""
     crashes = carried + count - returned
-    if crashes >= CRASH_LIMIT:
+    if crashes >= CRASH_LIMIT and suspect:
         return DeadLetter(
             "crash_loop", f"the worker stopped {crashes} times while holding this message"
         )
+    if crashes >= CRASH_LIMIT:
+        return Reset(carried + count, VERDICT_DELAY)
     if count >= RESET_AT:
         return Reset(carried + count)
     return None
