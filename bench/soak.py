@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--prefetch",
         type=int,
-        default=Settings.prefetch,
-        help="IKW_PREFETCH per worker (its default)",
+        default=None,
+        help="IKW_PREFETCH per worker (32; --cluster: the worker's default)",
     )
     add("--rate", type=float, default=None, help="grants/s published (all at once; --cluster: 15)")
     add("--seam-503", type=float, default=0.10, help="share of Seam calls failed with 503")
@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.cut_every = 0.0
     if args.rate is None:
         args.rate = 15.0 if args.cluster else 0.0
+    if args.prefetch is None:
+        args.prefetch = Settings.prefetch if args.cluster else 32
     return args
 
 

@@ -364,6 +364,8 @@ class Consumer:
             "content_type": message.content_type,
             # Kept, so the copy (a retry, a dead letter, its replay) reads as the original did.
             "content_encoding": message.content_encoding,
+            # Tried again only while the original is ours: after, the broker redelivers it.
+            "still": partial(_held, message),
         }
         try:
             await self.publisher.ready()

@@ -4,6 +4,7 @@ import asyncio
 import logging
 import math
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -88,8 +89,11 @@ class Publisher:
         message_id: str | None = None,
         content_type: str | None = "application/json",
         content_encoding: str | None = None,
+        still: Callable[[], bool] | None = None,
     ) -> None:
-        """Raises when the broker nacks or returns (unroutable) the message. A PRODUCER span
+        """Raises when the broker nacks or returns (unroutable) the message. ``still``: whether
+        the publish is still wanted (a copy of a message the broker has not taken back), asked
+        before each try. A PRODUCER span
         whose context goes in the ``traceparent`` header: a child of the current span, else of
         the trace the headers already carry (a replay), else a new trace."""
         headers = dict(headers or {})
@@ -118,11 +122,15 @@ class Publisher:
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 user_id=self.user_id,
             )
-            await self._send(exchange, routing_key, message)
+            await self._send(exchange, routing_key, message, still or (lambda: True))
 
-    async def _send(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+    async def _send(
+        self, exchange: str, routing_key: str, message: aio_pika.Message, still: Callable[[], bool]
+    ) -> None:
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             await self.ready()  # raises when the connection stays away: no retry then
+            if not still():
+                raise ChannelInvalidStateError("no longer wanted: the original went back")
             target = await self._exchange(exchange)
             underlay = await self.channel.get_underlay_channel()
             try:
