@@ -1,5 +1,6 @@
 """Crashes told from returns, without I/O: what a redelivery becomes, and the records' counts."""
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker.broker.decision import DeadLetter, Reset
@@ -14,35 +15,68 @@ from worker.broker.returns import (
 )
 
 
+def judge(
+    count: int,
+    carried: int = 0,
+    excused: int = 0,
+    returned: int = 0,
+    losses: int = 0,
+    suspect: bool = False,
+) -> Reset | DeadLetter | None:
+    return redelivered(count, carried, excused, returned, losses, suspect)
+
+
 def test_a_first_redelivery_is_handled_as_it_is() -> None:
-    assert redelivered(1, 0, 0) is None
-    assert redelivered(1, 0, 1) is None
+    assert judge(1) is None
+    assert judge(1, returned=1) is None
 
 
 def test_returns_recorded_keep_a_message_from_the_crash_limit_and_a_copy_resets_the_count() -> None:
-    assert redelivered(RESET_AT, 0, RESET_AT) == Reset(RESET_AT)
+    assert judge(RESET_AT, returned=RESET_AT) == Reset(RESET_AT)
     # The copy carries the deliveries so far: its own count starts again at 0.
-    assert redelivered(RESET_AT, RESET_AT, 2 * RESET_AT) == Reset(2 * RESET_AT)
+    assert judge(RESET_AT, carried=RESET_AT, returned=2 * RESET_AT) == Reset(2 * RESET_AT)
 
 
 def test_unexplained_deliveries_are_crashes_dead_lettered_after_a_wait_for_late_returns() -> None:
-    assert redelivered(CRASH_LIMIT - 1, 0, 0) == Reset(CRASH_LIMIT - 1)
+    assert judge(CRASH_LIMIT - 1) == Reset(CRASH_LIMIT - 1)
     # At the limit it waits in the delay queues first, then is judged again, not handled.
-    assert redelivered(CRASH_LIMIT, 0, 0) == Reset(CRASH_LIMIT, VERDICT_DELAY)
-    dead = redelivered(0, CRASH_LIMIT, 0, suspect=True)
+    assert judge(CRASH_LIMIT) == Reset(CRASH_LIMIT, 0, VERDICT_DELAY)
+    dead = judge(0, carried=CRASH_LIMIT, suspect=True)
     assert isinstance(dead, DeadLetter) and dead.reason == "crash_loop"
     # Returns recorded meanwhile clear it: handled as usual.
-    assert redelivered(0, CRASH_LIMIT, 1, suspect=True) is None
+    assert judge(0, carried=CRASH_LIMIT, returned=1, suspect=True) is None
     # Crashes before a copy count after it.
-    assert redelivered(1, CRASH_LIMIT - 1, 0) == Reset(CRASH_LIMIT, VERDICT_DELAY)
+    assert judge(1, carried=CRASH_LIMIT - 1) == Reset(CRASH_LIMIT, 0, VERDICT_DELAY)
 
 
 def test_a_return_recorded_after_the_copy_still_counts() -> None:
     """The copy was made before two returns were read: it carries the deliveries, not crashes,
     so the late records lower the count at the copy's next delivery."""
     carried = 2  # copied at a delivery count of 2, no return known then
-    assert redelivered(1, carried, 0) == Reset(3, VERDICT_DELAY)  # had they not come yet
-    assert redelivered(1, carried, 2) is None
+    assert judge(1, carried=carried) == Reset(3, 0, VERDICT_DELAY)  # had they not come yet
+    assert judge(1, carried=carried, returned=2) is None
+
+
+def test_losses_recorded_explain_deliveries_no_worker_saw() -> None:
+    """Sent to consumers on a node that went down, a message comes back three times unseen:
+    three workers recorded a lost channel meanwhile, so none of it is a crash; the copy keeps
+    the excuse, however old the losses get."""
+    assert judge(CRASH_LIMIT, losses=CRASH_LIMIT) == Reset(CRASH_LIMIT, CRASH_LIMIT)
+    assert judge(1, carried=CRASH_LIMIT, excused=CRASH_LIMIT) is None
+    # With no loss recorded, the same deliveries are crashes.
+    assert judge(1, carried=CRASH_LIMIT) == Reset(CRASH_LIMIT + 1, 0, VERDICT_DELAY)
+
+
+def test_losses_are_counted_by_when_they_happened() -> None:
+    returns = Returns()
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    returns.note([], loss=True)
+    returns.note(["k"])  # a message handed back: not a lost channel
+    returns.apply(
+        {"t": "returned", "id": "old", "keys": [], "at": "2020-01-01T00:00:00+00:00", "loss": True}
+    )
+    assert returns.losses_since(before) == 1
+    assert returns.losses_since(datetime(2019, 1, 1, tzinfo=UTC)) == 2
 
 
 def test_a_record_read_twice_counts_once() -> None:

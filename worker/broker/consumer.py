@@ -38,7 +38,14 @@ from worker.broker.decision import (
 )
 from worker.broker.headers import Bookkeeping
 from worker.broker.publisher import Publisher
-from worker.broker.returns import Returns, delivery_count, key, redelivered
+from worker.broker.returns import (
+    LOSS_WINDOW,
+    SLACK,
+    Returns,
+    delivery_count,
+    key,
+    redelivered,
+)
 from worker.errors import CredentialsRefused, Permanent, Transient
 from worker.events import (
     ANNOUNCEMENTS,
@@ -134,17 +141,19 @@ class Consumer:
         if not self._tasks:
             return 0
         _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-        self.lost(still_held=True)  # what we leave goes back to the broker at the close
+        self._note(list(self._holding), loss=True)  # what we leave goes back at the close
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         return len(pending)
 
-    def lost(self, *_: object, still_held: bool = False) -> None:
-        """Note the messages the broker takes back: those held on a channel that closed (a
-        channel close callback), or all still held (``still_held``, when stopping)."""
-        gone = [m for m in self._holding if still_held or not _held(m)]
-        self.returns.note(key(self._holding.pop(m), m.body) for m in gone)
+    def lost(self, *_: object) -> None:
+        """The consuming channel closed (its close callback): the broker takes back what it
+        held, and what was on its way to it."""
+        self._note([m for m in self._holding if not _held(m)], loss=True)
+
+    def _note(self, gone: list[AbstractIncomingMessage], loss: bool = False) -> None:
+        self.returns.note((key(self._holding.pop(m), m.body) for m in gone), loss)
 
     async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
         # aio-pika runs each delivery's callback in a task of its own: the message is handled in
@@ -228,7 +237,7 @@ class Consumer:
         finally:
             # Not settled, and its channel gone (aio-pika cancels the handler with it).
             if self._holding.get(message) and not _held(message):
-                self.lost()
+                self._note([m for m in self._holding if not _held(m)])
             self._holding.pop(message, None)
             self.metrics.in_flight.dec()
             self.metrics.seconds.labels(queue).observe(time.monotonic() - started)
@@ -241,8 +250,12 @@ class Consumer:
         if not count and not book.suspect:
             return None
         returned = self.returns.returns(key(queue, message.body))
-        ctx.update(delivery_count=count, returned=returned, deliveries=book.deliveries)
-        return redelivered(count, book.deliveries, returned, book.suspect)
+        since = book.copied_at - SLACK if book.copied_at else datetime.now(UTC) - LOSS_WINDOW
+        losses = self.returns.losses_since(since)
+        ctx.update(
+            delivery_count=count, returned=returned, deliveries=book.deliveries, losses=losses
+        )
+        return redelivered(count, book.deliveries, book.excused, returned, losses, book.suspect)
 
     async def _work(
         self,
@@ -311,7 +324,13 @@ class Consumer:
             publisher=producer or "",
         )
         if isinstance(decided, Reset):
-            copy = replace(book, deliveries=decided.deliveries, suspect=decided.delay > 0)
+            copy = replace(
+                book,
+                deliveries=decided.deliveries,
+                excused=decided.excused,
+                copied_at=datetime.now(UTC),
+                suspect=decided.delay > 0,
+            )
             delay = decided.delay or None
             return await self._republish(queue, message, copy, Settled.REQUEUED, delay)
         if isinstance(decided, Requeue):

@@ -50,6 +50,7 @@ class Reset:
     broker's delivery limit; ``deliveries`` the copy carries (see ``returns.redelivered``)."""
 
     deliveries: int
+    excused: int = 0  # deliveries explained by recorded losses so far
     delay: float = 0.0  # through the delay queues, to wait for late returns: a suspect
 
 

@@ -20,6 +20,8 @@ SOURCE_QUEUE = "x-ikw-source-queue"
 DEAD_LETTERED_AT = "x-ikw-dead-lettered-at"
 DELIVERIES = "x-ikw-deliveries"
 SUSPECT = "x-ikw-suspect"
+EXCUSED = "x-ikw-excused"
+COPIED_AT = "x-ikw-copied-at"
 
 MAX_ATTEMPT = 100_000
 # Headers the broker adds when dead-lettering: a copy that keeps them would be seen as a
@@ -45,6 +47,8 @@ class Bookkeeping:
     dead_lettered_at: datetime | None = None
     # Deliveries of the copies before this one (x-delivery-count), kept across resets and retries.
     deliveries: int = 0
+    excused: int = 0  # of those, how many recorded losses of channels explained
+    copied_at: datetime | None = None
     # Sent through the delay queues to wait for late returns before a crash_loop verdict.
     suspect: bool = False
 
@@ -65,6 +69,8 @@ def read(headers: Mapping[str, Any] | None) -> Bookkeeping:
         dead_lettered_at=moment(h.get(DEAD_LETTERED_AT)),
         deliveries=_count(h.get(DELIVERIES)) or 0,
         suspect=_count(h.get(SUSPECT)) == 1,
+        excused=_count(h.get(EXCUSED)) or 0,
+        copied_at=moment(h.get(COPIED_AT)),
     )
 
 
@@ -92,6 +98,8 @@ def write(book: Bookkeeping) -> dict[str, Any]:
         DEAD_LETTERED_AT: book.dead_lettered_at.isoformat() if book.dead_lettered_at else None,
         DELIVERIES: book.deliveries or None,
         SUSPECT: 1 if book.suspect else None,
+        EXCUSED: book.excused or None,
+        COPIED_AT: book.copied_at.isoformat() if book.copied_at else None,
     }
     return {key: value for key, value in fields.items() if value is not None}
 
