@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="IKW_PREFETCH per worker (32; --cluster: the worker's default)",
     )
-    add("--rate", type=float, default=None, help="grants/s published (all at once; --cluster: 15)")
+    add("--rate", type=float, default=None, help="grants/s published (all at once; --cluster: 12)")
     add("--seam-503", type=float, default=0.10, help="share of Seam calls failed with 503")
     add("--twilio-429", type=float, default=0.05, help="share of SMS refused with 20429/429")
     add("--seam-latency", type=float, default=0.0, help="ms added to each Seam call (0)")
@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fail-at",
         type=float,
         nargs=3,
-        default=[0.15, 0.3, 0.45],
+        default=[0.1, 0.2, 0.3],
         help="share accounted at the leader's stop, the SIGKILL, the rolling restart",
     )
     args = parser.parse_args(argv)
@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.cluster:
         args.cut_every = 0.0
     if args.rate is None:
-        args.rate = 15.0 if args.cluster else 0.0
+        args.rate = 12.0 if args.cluster else 0.0
     if args.prefetch is None:
         args.prefetch = Settings.prefetch if args.cluster else 32
     return args
