@@ -47,7 +47,7 @@ class Requeue:
 @dataclass(frozen=True)
 class Reset:
     """A fresh copy to its queue, so returns by lost channels never walk the message to the
-    broker's delivery limit; ``deliveries`` the copy carries (see ``returns.redelivered``)."""
+    broker's delivery limit; what the copy carries (see ``returns.redelivered``)."""
 
     deliveries: int
     excused: int = 0  # deliveries explained by recorded losses so far

@@ -93,9 +93,9 @@ class Publisher:
     ) -> None:
         """Raises when the broker nacks or returns (unroutable) the message. ``still``: whether
         the publish is still wanted (a copy of a message the broker has not taken back), asked
-        before each try. A PRODUCER span
-        whose context goes in the ``traceparent`` header: a child of the current span, else of
-        the trace the headers already carry (a replay), else a new trace."""
+        before each try. A PRODUCER span whose context goes in the ``traceparent`` header: a
+        child of the current span, else of the trace the headers already carry (a replay), else
+        a new trace."""
         headers = dict(headers or {})
         parent = None if tracing.has_trace() else tracing.extract(headers)
         attributes = (
