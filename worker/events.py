@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from worker.dates import MAX_ZONE_LENGTH, time_zone
-from worker.errors import InvalidEvent
+from worker.errors import InvalidEvent, Reason
 from worker.guest_name import MAX_PROPERTY_NAME
 
 MAX_BODY_BYTES = 64 * 1024
@@ -312,7 +312,9 @@ def _stamp(moment: datetime | None) -> str:
 
 def check_size(body: bytes) -> None:
     if len(body) > MAX_BODY_BYTES:
-        raise InvalidEvent(f"body is {len(body)} bytes, over {MAX_BODY_BYTES}", reason="too_large")
+        raise InvalidEvent(
+            f"body is {len(body)} bytes, over {MAX_BODY_BYTES}", reason=Reason.TOO_LARGE
+        )
 
 
 def parse(body: bytes, content_type: str | None, content_encoding: str | None = None) -> Event:
@@ -321,34 +323,35 @@ def parse(body: bytes, content_type: str | None, content_encoding: str | None = 
     if (content_encoding or "identity").strip().lower() != "identity":
         raise InvalidEvent(
             f"content_encoding {str(content_encoding)[:40]!r} is not supported; publish plain JSON",
-            reason="unsupported_encoding",
+            reason=Reason.UNSUPPORTED_ENCODING,
         )
     if not _is_json(content_type):
         raise InvalidEvent(
             f"content_type {str(content_type)[:60]!r} is not application/json (UTF-8)",
-            reason="wrong_content_type",
+            reason=Reason.WRONG_CONTENT_TYPE,
         )
     containers, values = body.count(b"{") + body.count(b"["), body.count(b",") + 1
     if containers > MAX_CONTAINERS or values > MAX_VALUES:
         raise InvalidEvent(
             f"body holds {containers} objects and lists and about {values} values; an event "
             f"holds at most {MAX_CONTAINERS} and {MAX_VALUES}",
-            reason="malformed_json",
+            reason=Reason.MALFORMED_JSON,
         )
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as exc:
         # ValueError: not JSON, not UTF-8, or an integer of more than 4300 digits.
         raise InvalidEvent(
-            f"body is not JSON: {exc.__class__.__name__}", reason="malformed_json"
+            f"body is not JSON: {exc.__class__.__name__}", reason=Reason.MALFORMED_JSON
         ) from None
     if not isinstance(data, dict):
-        raise InvalidEvent("body is not a JSON object", reason="malformed_json")
+        raise InvalidEvent("body is not a JSON object", reason=Reason.MALFORMED_JSON)
     kind, version = data.get("type"), data.get("version")
     model = MODELS.get((kind, version)) if isinstance(kind, str) and type(version) is int else None
     if model is None:
         raise InvalidEvent(
-            f"unknown type/version {str(kind)[:40]!r}/{str(version)[:10]!r}", reason="unknown_type"
+            f"unknown type/version {str(kind)[:40]!r}/{str(version)[:10]!r}",
+            reason=Reason.UNKNOWN_TYPE,
         )
     try:
         event = model.model_validate_json(body)
@@ -379,16 +382,16 @@ def describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _reason(exc: ValidationError) -> str:
+def _reason(exc: ValidationError) -> Reason:
     errors = exc.errors(include_url=False, include_input=False)
     if any(error["type"] == "json_invalid" for error in errors):
-        return "malformed_json"  # JSON that pydantic's parser refuses (a number out of range)
+        return Reason.MALFORMED_JSON  # JSON that pydantic's parser refuses (a number out of range)
     fields = {str(error["loc"][-1]) for error in errors if error["loc"]}
     if "phone_number" in fields:
-        return "invalid_phone_number"
+        return Reason.INVALID_PHONE_NUMBER
     if "email_address" in fields:
-        return "invalid_email_address"
-    return "invalid_event"
+        return Reason.INVALID_EMAIL_ADDRESS
+    return Reason.INVALID_EVENT
 
 
 def event_key(event: Event) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from worker.errors import Abandoned, ChannelRefused, Permanent, SeamRejected, Transient
+from worker.errors import Abandoned, ChannelRefused, Permanent, Reason, SeamRejected, Transient
 from worker.events import (
     AccessDelivered,
     AccessGranted,
@@ -134,7 +134,7 @@ class Flows:
             raise Permanent(
                 "the grant occurred longer ago than IKW_REVOKE_RETENTION: a revoke of it could "
                 "no longer be seen",
-                reason="stale_grant",
+                reason=Reason.STALE_GRANT,
             )
         await self.fence.wait_caught_up()
         names = identity_names(guest.user_identity_id, guest.user_identity_key)
@@ -254,7 +254,7 @@ class Flows:
         if key.user_identity_id != event.user_identity_id:
             raise Permanent(
                 "the key belongs to another identity than the cleanup names",
-                reason="key_identity_mismatch",
+                reason=Reason.KEY_IDENTITY_MISMATCH,
             )
         await self._delete(key, "expired")
         return Outcome(Action.CLEANED_UP, key_id=event.instant_key_id, deleted=1)
@@ -275,7 +275,7 @@ class Flows:
         if identity is not None:
             return identity, False
         if guest.user_identity_id and not guest.user_identity_key:
-            raise Permanent("user_identity_id is unknown to Seam", reason="identity_not_found")
+            raise Permanent("user_identity_id is unknown to Seam", reason=Reason.IDENTITY_NOT_FOUND)
         contacts = {"email_address": guest.email_address, "phone_number": guest.phone_number}
         try:
             identity = await self._create(event, **contacts)
@@ -448,4 +448,4 @@ class Flows:
                 refusals.append(f"{name}: refused ({exc.code or exc})")
                 continue
             return name, sent_id
-        raise Permanent("; ".join(refusals), reason="no_channel_accepted")
+        raise Permanent("; ".join(refusals), reason=Reason.NO_CHANNEL_ACCEPTED)

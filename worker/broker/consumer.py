@@ -47,7 +47,7 @@ from worker.broker.returns import (
     key,
     redelivered,
 )
-from worker.errors import CredentialsRefused, Permanent, Transient
+from worker.errors import CredentialsRefused, Permanent, Reason, Transient
 from worker.events import (
     ANNOUNCEMENTS,
     MAX_BODY_BYTES,
@@ -289,7 +289,7 @@ class Consumer:
                 return Outcome(Action.UNHEARD)  # our own outcome event, with nobody listening
             raise Permanent(
                 f"no queue takes routing key {_printable(message.routing_key)!r}",
-                reason="unroutable",
+                reason=Reason.UNROUTABLE,
             )
         check_publisher(takes, message.user_id, producer, self.trust)
         event = parse(message.body, message.content_type, message.content_encoding)

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 
-from worker.errors import Abandoned, CredentialsRefused, Permanent, Transient
+from worker.errors import Abandoned, CredentialsRefused, Permanent, Reason, Transient
 from worker.events import AccessGranted, AccessRevoked, Event
 
 MAX_BACKOFF = 3600.0
@@ -66,7 +66,7 @@ class Retry:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    reason: str
+    reason: str  # a Reason; a bare Permanent's "permanent" too
     error: str
 
 
@@ -113,7 +113,7 @@ def decide(
     exhausted = attempt >= limits.max_attempts or now - first >= limits.max_retry_age
     if exhausted and not patient:
         return DeadLetter(
-            "retries_exhausted", f"gave up after {attempt} attempts: {one_line(error)}"
+            Reason.RETRIES_EXHAUSTED, f"gave up after {attempt} attempts: {one_line(error)}"
         )
     retry_after = error.retry_after if isinstance(error, Transient) else None
     spread = random.uniform(0.5, 1.0) if jitter is None else jitter
@@ -162,24 +162,26 @@ def check_publisher(expects: str, user_id: str | None, producer: str | None, tru
         if user_id != trust.worker:
             raise Permanent(
                 f"{expects} is accepted only from the worker's own user, not {_who(user_id)}",
-                reason="untrusted_publisher",
+                reason=Reason.UNTRUSTED_PUBLISHER,
             )
         return
     if producer is None:
         raise Permanent(
             "the message has no user_id: the broker did not name its producer",
-            reason="untrusted_publisher",
+            reason=Reason.UNTRUSTED_PUBLISHER,
         )
     if producer != trust.worker and producer not in trust.publishers:
         raise Permanent(
-            f"{_who(producer)} is not in IKW_TRUSTED_PUBLISHERS", reason="untrusted_publisher"
+            f"{_who(producer)} is not in IKW_TRUSTED_PUBLISHERS", reason=Reason.UNTRUSTED_PUBLISHER
         )
 
 
 def check_event(expects: str, event: Event, producer: str | None, trust: Trust) -> None:
     """Refuse a message on the wrong queue, or naming an identity outside its producer's scope."""
     if event.type != expects:
-        raise Permanent(f"{event.type} arrived on the queue for {expects}", reason="wrong_queue")
+        raise Permanent(
+            f"{event.type} arrived on the queue for {expects}", reason=Reason.WRONG_QUEUE
+        )
     if producer == trust.worker or not isinstance(event, AccessGranted | AccessRevoked):
         return
     prefixes = trust.publishers.get(producer or "")
@@ -189,13 +191,13 @@ def check_event(expects: str, event: Event, producer: str | None, trust: Trust) 
     if event.user_identity.user_identity_id is not None or key is None:
         raise Permanent(
             f"{_who(producer)} may name identities by user_identity_key only",
-            reason="identity_out_of_scope",
+            reason=Reason.IDENTITY_OUT_OF_SCOPE,
         )
     if not key.startswith(prefixes):
         raise Permanent(
             f"{_who(producer)} may name only user_identity_keys starting with "
             + " or ".join(repr(p) for p in prefixes),
-            reason="identity_out_of_scope",
+            reason=Reason.IDENTITY_OUT_OF_SCOPE,
         )
 
 
@@ -210,7 +212,7 @@ def check_clock(event: Event, received_at: datetime, skew: timedelta) -> None:
         raise Permanent(
             f"occurred_at is {_span(ahead)} after the worker first received the event "
             f"(IKW_MAX_CLOCK_SKEW allows {_span(skew)})",
-            reason="occurred_in_future",
+            reason=Reason.OCCURRED_IN_FUTURE,
         )
 
 

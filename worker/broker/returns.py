@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from worker.broker.decision import DeadLetter, Reset
 from worker.broker.headers import moment
+from worker.errors import Reason
 
 log = logging.getLogger("worker.returns")
 
@@ -59,7 +60,7 @@ def redelivered(
     crashes = carried + count - max(returned, excused + losses)
     if crashes >= CRASH_LIMIT and suspect:
         return DeadLetter(
-            "crash_loop", f"the worker stopped {crashes} times while holding this message"
+            Reason.CRASH_LOOP, f"the worker stopped {crashes} times while holding this message"
         )
     if crashes >= CRASH_LIMIT:
         return Reset(carried + count, excused + losses, VERDICT_DELAY)

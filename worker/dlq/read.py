@@ -11,16 +11,12 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
+from worker import errors
 from worker.broker import headers
 from worker.broker.topology import Names
 
 ERROR_WIDTH = 160
-BROKER_REASONS = {
-    "delivery_limit": "redelivered past the queue's x-delivery-limit, never acked (crash loop?)",
-    "rejected": "rejected without requeue",
-    "expired": "expired (message TTL)",
-    "maxlen": "dropped by the queue's length limit",
-}
+BROKER_REASONS: dict[str, str] = {reason: reason.description for reason in errors.BROKER_REASONS}
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 
 
