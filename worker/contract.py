@@ -8,18 +8,14 @@ from typing import Any
 from worker.events import (
     AccessDelivered,
     AccessDeliveryFailed,
-    AccessGranted,
-    AccessRevoked,
     KeyDeleted,
     Model,
     RevokeCompleted,
 )
 from worker.queues import Names
+from worker.routes import ROUTES
 
-PUBLIC: dict[str, type[Model]] = {
-    "access.granted.v1": AccessGranted,
-    "access.revoked.v1": AccessRevoked,
-}
+PUBLIC: dict[str, type[Model]] = {route.schema: route.model for route in ROUTES if route.public}
 OUTCOMES: dict[str, type[Model]] = {
     "access.delivered.v1": AccessDelivered,
     "access.delivery_failed.v1": AccessDeliveryFailed,

@@ -147,7 +147,7 @@ class CredentialsRefused(WorkerError):
         self.service = service
 
 
-class Abandoned(WorkerError):
+class TakenBackError(WorkerError):
     """The broker took the message back (its channel closed) and will redeliver it: stop before
     sending, so a connection cut does not text the guest twice."""
 

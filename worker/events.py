@@ -4,7 +4,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, assert_never, get_args
 
 from pydantic import (
     AfterValidator,
@@ -233,18 +233,20 @@ class RevokeCompleted(OutcomeBase):
 
 
 Announcement = AccessDelivered | AccessDeliveryFailed | KeyDeleted | RevokeCompleted
-ANNOUNCEMENTS = (
-    "access.delivered",
-    "access.delivery_failed",
-    "instant_key.deleted",
-    "access.revoke_completed",
-)
 
 Event = AccessGranted | AccessRevoked | KeyCleanup
-MODELS: dict[tuple[str, int], type[Model]] = {
-    ("access.granted", 1): AccessGranted,
-    ("access.revoked", 1): AccessRevoked,
-    ("instant_key.cleanup", 1): KeyCleanup,
+
+
+def literal(model: type[Model], field: str) -> object:
+    """The one value a ``Literal`` field admits: an event's type or version."""
+    (value,) = get_args(model.model_fields[field].annotation)
+    return value
+
+
+# The routing keys of the outcome events the worker publishes.
+ANNOUNCEMENTS = tuple(str(literal(model, "type")) for model in get_args(Announcement))
+MODELS: dict[tuple[object, object], type[Event]] = {
+    (literal(model, "type"), literal(model, "version")): model for model in get_args(Event)
 }
 
 
@@ -357,7 +359,6 @@ def parse(body: bytes, content_type: str | None, content_encoding: str | None = 
         event = model.model_validate_json(body)
     except ValidationError as exc:
         raise InvalidEvent(describe(exc), reason=_reason(exc)) from None
-    assert isinstance(event, AccessGranted | AccessRevoked | KeyCleanup)
     return event
 
 
@@ -396,4 +397,21 @@ def _reason(exc: ValidationError) -> Reason:
 
 def event_key(event: Event) -> str:
     """Identifier for logs: the event id, or the key id for cleanups."""
-    return event.instant_key_id if isinstance(event, KeyCleanup) else event.event_id
+    match event:
+        case AccessGranted() | AccessRevoked():
+            return event.event_id
+        case KeyCleanup():
+            return event.instant_key_id
+        case _:
+            assert_never(event)
+
+
+def occurred_at(event: Event) -> datetime | None:
+    """When its producer says it occurred; None for the worker's own cleanups."""
+    match event:
+        case AccessGranted() | AccessRevoked():
+            return event.occurred_at
+        case KeyCleanup():
+            return None
+        case _:
+            assert_never(event)

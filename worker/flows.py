@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from worker.errors import Abandoned, ChannelRefused, Permanent, Reason, SeamRejected, Transient
+from worker.errors import ChannelRefused, Permanent, Reason, SeamRejected, TakenBackError, Transient
 from worker.events import (
     AccessDelivered,
     AccessGranted,
@@ -434,7 +434,7 @@ class Flows:
         refusals = []
         for name in order:
             if not still_held():
-                raise Abandoned("the broker took the message back before delivery")
+                raise TakenBackError("the broker took the message back before delivery")
             channel = self.channels.get(name)
             if channel is None:
                 refusals.append(f"{name}: not configured")

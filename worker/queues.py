@@ -3,6 +3,8 @@
 import re
 from dataclasses import dataclass
 
+from worker.routes import ROUTES, Route
+
 LEVELS = 28  # delay levels: 2^0 s .. 2^27 s, so delays up to 2^28 - 1 s
 DELIVERY_LIMIT = 5  # a message that kills the worker this often is dead-lettered
 # A producer's broker user, as IKW_TRUSTED_PUBLISHERS and `ikw topology --producer` take it: the
@@ -72,23 +74,18 @@ class Names:
     def delay(self, level: int) -> str:
         return f"{self.namespace}.delay.{level:02d}"
 
+    def queue(self, route: Route) -> str:
+        return f"{self.namespace}.{route.queue}"
+
     @property
     def work_queues(self) -> dict[str, str | None]:
         """Work queue -> the routing key producers use for it (None: internal only)."""
-        return {
-            self.grants: "access.granted",
-            self.revocations: "access.revoked",
-            self.cleanup: None,
-        }
+        return {self.queue(route): route.type if route.public else None for route in ROUTES}
 
     @property
-    def takes(self) -> dict[str, str]:
-        """Work queue -> the one message type it accepts."""
-        return {
-            self.grants: "access.granted",
-            self.revocations: "access.revoked",
-            self.cleanup: "instant_key.cleanup",
-        }
+    def takes(self) -> dict[str, Route]:
+        """Work queue -> the route of the one message type it accepts."""
+        return {self.queue(route): route for route in ROUTES}
 
     def all_queues(self) -> list[str]:
         return [

@@ -9,10 +9,10 @@ from worker.broker.decision import (
     PATIENT_BACKOFF,
     Ack,
     DeadLetter,
-    Leave,
     Limits,
     Requeue,
     Retry,
+    TakenBack,
     Trust,
     backoff,
     check_clock,
@@ -22,15 +22,17 @@ from worker.broker.decision import (
     producer_of,
 )
 from worker.errors import (
-    Abandoned,
     ChannelRefused,
     CredentialsRefused,
     InvalidEvent,
     Permanent,
+    Reason,
     SeamRejected,
+    TakenBackError,
     Transient,
 )
 from worker.events import Event, parse
+from worker.routes import ROUTES
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 LIMITS = Limits(max_attempts=5, max_retry_age=timedelta(hours=1))
@@ -104,7 +106,7 @@ def test_a_waiting_revoke_still_honours_a_longer_retry_after() -> None:
 
 
 def test_a_revoke_refused_for_good_is_still_dead_lettered() -> None:
-    error = Permanent("the event is invalid", reason="invalid_event")
+    error = Permanent("the event is invalid", reason=Reason.INVALID_EVENT)
     assert decided(error, patient=True) == DeadLetter("invalid_event", "the event is invalid")
 
 
@@ -112,12 +114,14 @@ def test_a_revoke_refused_for_good_is_still_dead_lettered() -> None:
     "error,reason",
     [
         (
-            Permanent("sms: refused (21610); email: not configured", reason="no_channel_accepted"),
+            Permanent(
+                "sms: refused (21610); email: not configured", reason=Reason.NO_CHANNEL_ACCEPTED
+            ),
             "no_channel_accepted",
         ),
-        (InvalidEvent("body is not JSON", reason="malformed_json"), "malformed_json"),
+        (InvalidEvent("body is not JSON", reason=Reason.MALFORMED_JSON), "malformed_json"),
         (SeamRejected("seam answered 400 (invalid_input)"), "seam_rejected"),
-        (Permanent("x", reason="untrusted_publisher"), "untrusted_publisher"),
+        (Permanent("x", reason=Reason.UNTRUSTED_PUBLISHER), "untrusted_publisher"),
     ],
 )
 def test_a_permanent_failure_is_dead_lettered_at_once_with_its_reason(
@@ -131,9 +135,9 @@ def test_refused_credentials_requeue_the_message_unchanged() -> None:
 
 
 def test_a_message_the_broker_took_back_is_left_to_its_redelivery() -> None:
-    assert decided(Abandoned("channel closed")) == Leave()
-    assert decided(Transient("503"), held=False) == Leave()
-    assert decided(Permanent("x"), held=False) == Leave()
+    assert decided(TakenBackError("channel closed")) == TakenBack()
+    assert decided(Transient("503"), held=False) == TakenBack()
+    assert decided(Permanent("x"), held=False) == TakenBack()
 
 
 def test_an_unexpected_error_is_retried_and_named_without_its_message() -> None:
@@ -161,6 +165,7 @@ def test_backoff_grows_is_capped_and_spreads_with_jitter() -> None:
 
 # --- trust -------------------------------------------------------------------------------
 
+ROUTE = {route.type: route for route in ROUTES}
 TRUST = Trust(worker="ikw", publishers={"booking": None, "hotel": ("hotel-a-",)})
 
 
@@ -186,51 +191,51 @@ def test_the_producer_is_the_user_the_broker_named() -> None:
 
 @pytest.mark.parametrize("producer", [None, "mallory"])
 def test_an_unlisted_or_unnamed_producer_is_refused(producer: str | None) -> None:
-    assert refusal(check_publisher, "access.granted", producer, producer, TRUST) == (
+    assert refusal(check_publisher, ROUTE["access.granted"], producer, producer, TRUST) == (
         "untrusted_publisher"
     )
 
 
 def test_listed_producers_and_the_worker_itself_are_trusted() -> None:
     for producer in ("booking", "hotel", "ikw"):
-        check_publisher("access.granted", producer, producer, TRUST)
+        check_publisher(ROUTE["access.granted"], producer, producer, TRUST)
 
 
 def test_only_the_worker_may_order_a_cleanup() -> None:
-    check_publisher("instant_key.cleanup", "ikw", "ikw", TRUST)
-    assert refusal(check_publisher, "instant_key.cleanup", "booking", "booking", TRUST) == (
+    check_publisher(ROUTE["instant_key.cleanup"], "ikw", "ikw", TRUST)
+    assert refusal(check_publisher, ROUTE["instant_key.cleanup"], "booking", "booking", TRUST) == (
         "untrusted_publisher"
     )
     # The worker's own timer for a grant of booking's: booking hears of the deletion.
-    check_publisher("instant_key.cleanup", "ikw", "booking", TRUST)
-    assert refusal(check_publisher, "instant_key.cleanup", "booking", "ikw", TRUST) == (
+    check_publisher(ROUTE["instant_key.cleanup"], "ikw", "booking", TRUST)
+    assert refusal(check_publisher, ROUTE["instant_key.cleanup"], "booking", "ikw", TRUST) == (
         "untrusted_publisher"
     )
 
 
 def test_each_queue_takes_only_its_own_type() -> None:
-    assert refusal(check_event, "access.revoked", event(grant("g")), "booking", TRUST) == (
+    assert refusal(check_event, ROUTE["access.revoked"], event(grant("g")), "booking", TRUST) == (
         "wrong_queue"
     )
-    assert refusal(check_event, "access.granted", event(revoke("g")), "booking", TRUST) == (
+    assert refusal(check_event, ROUTE["access.granted"], event(revoke("g")), "booking", TRUST) == (
         "wrong_queue"
     )
-    check_event("access.granted", event(grant("g")), "booking", TRUST)
+    check_event(ROUTE["access.granted"], event(grant("g")), "booking", TRUST)
 
 
 def test_a_prefixed_producer_names_only_keys_with_its_prefix() -> None:
-    check_event("access.granted", event(grant("hotel-a-991")), "hotel", TRUST)
-    check_event("access.revoked", event(revoke("hotel-a-991")), "hotel", TRUST)
+    check_event(ROUTE["access.granted"], event(grant("hotel-a-991")), "hotel", TRUST)
+    check_event(ROUTE["access.revoked"], event(revoke("hotel-a-991")), "hotel", TRUST)
     outside = event(grant("hotel-b-991"))
-    assert refusal(check_event, "access.granted", outside, "hotel", TRUST) == (
+    assert refusal(check_event, ROUTE["access.granted"], outside, "hotel", TRUST) == (
         "identity_out_of_scope"
     )
     by_id = event(grant(user_identity_id="4b0c5f1e-0000-4000-8000-000000000001"))
-    assert refusal(check_event, "access.granted", by_id, "hotel", TRUST) == (
+    assert refusal(check_event, ROUTE["access.granted"], by_id, "hotel", TRUST) == (
         "identity_out_of_scope"
     )
     # An unscoped producer may name any identity, by key or by id.
-    check_event("access.granted", by_id, "booking", TRUST)
+    check_event(ROUTE["access.granted"], by_id, "booking", TRUST)
 
 
 # --- the producers' clocks ------------------------------------------------------------------

@@ -19,7 +19,7 @@ def test_what_is_written_reads_back() -> None:
         publisher="booking",
         reason="retries_exhausted",
         error="gave up",
-        attempts=3,
+        attempts_made=3,
         source_queue="instant_keys.grants",
         dead_lettered_at=WHEN,
         received_at=WHEN,

@@ -8,27 +8,35 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
+from typing import assert_never
 
-from worker.errors import Abandoned, CredentialsRefused, Permanent, Reason, Transient
-from worker.events import AccessGranted, AccessRevoked, Event
+from worker.errors import CredentialsRefused, Permanent, Reason, TakenBackError, Transient
+from worker.events import (
+    AccessGranted,
+    AccessRevoked,
+    Event,
+    IdentityRef,
+    KeyCleanup,
+    occurred_at,
+)
+from worker.routes import Route
 
 MAX_BACKOFF = 3600.0
 # Revokes and cleanups wait for Seam however long it is away: retried at least this often.
 PATIENT_BACKOFF = 300.0
-GRANTED, REVOKED, CLEANUP = "access.granted", "access.revoked", "instant_key.cleanup"
 
 
 class Settled(StrEnum):
     """How a message ended, as logs and the ``ikw_messages_total`` metric say it."""
 
     ACKED = "acked"
-    REVOKED = "revoked"  # a grant fenced by a later revoke: acked, nothing delivered
+    FENCED = "revoked"  # a grant fenced by a later revoke: acked, nothing delivered
     RETRIED = "retried"
     REQUEUED = "requeued"
     DEAD_LETTERED = "dead_lettered"
     REDELIVERED = "redelivered"  # the ack or republish was lost with the channel
-    ABANDONED = "abandoned"  # the broker took it back before we sent anything
-    RETURNED = "returned"  # settling failed: nacked back to the broker as a last resort
+    TAKEN_BACK = "abandoned"  # the broker took it back before we sent anything
+    NACKED = "returned"  # settling failed: nacked back to the broker as a last resort
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,7 @@ class Ack:
 
 
 @dataclass(frozen=True)
-class Leave:
+class TakenBack:
     """The broker took the message back and redelivers it: publishing a copy would double it."""
 
 
@@ -70,7 +78,7 @@ class DeadLetter:
     error: str
 
 
-Decision = Ack | Leave | Requeue | Reset | Retry | DeadLetter
+Decision = Ack | TakenBack | Requeue | Reset | Retry | DeadLetter
 
 
 @dataclass(frozen=True)
@@ -103,8 +111,8 @@ def decide(
     dead-lettered, at most PATIENT_BACKOFF apart; a key would otherwise outlive its revoke."""
     if error is None:
         return Ack()
-    if isinstance(error, Abandoned) or not held:
-        return Leave()
+    if isinstance(error, TakenBackError) or not held:
+        return TakenBack()
     if isinstance(error, CredentialsRefused):
         return Requeue()
     if isinstance(error, Permanent):
@@ -155,13 +163,13 @@ def producer_of(user_id: str | None, republished_for: str | None, trust: Trust) 
     return user_id
 
 
-def check_publisher(expects: str, user_id: str | None, producer: str | None, trust: Trust) -> None:
+def check_publisher(route: Route, user_id: str | None, producer: str | None, trust: Trust) -> None:
     """Refuse before parsing anything: a message whose producer is not trusted for this queue."""
-    if expects == CLEANUP:
+    if not route.public:
         # Its x-ikw-publisher names the grant's producer, to hear of the deletion.
         if user_id != trust.worker:
             raise Permanent(
-                f"{expects} is accepted only from the worker's own user, not {_who(user_id)}",
+                f"{route.type} is accepted only from the worker's own user, not {_who(user_id)}",
                 reason=Reason.UNTRUSTED_PUBLISHER,
             )
         return
@@ -176,19 +184,29 @@ def check_publisher(expects: str, user_id: str | None, producer: str | None, tru
         )
 
 
-def check_event(expects: str, event: Event, producer: str | None, trust: Trust) -> None:
+def check_event(route: Route, event: Event, producer: str | None, trust: Trust) -> None:
     """Refuse a message on the wrong queue, or naming an identity outside its producer's scope."""
-    if event.type != expects:
+    if event.type != route.type:
         raise Permanent(
-            f"{event.type} arrived on the queue for {expects}", reason=Reason.WRONG_QUEUE
+            f"{event.type} arrived on the queue for {route.type}", reason=Reason.WRONG_QUEUE
         )
-    if producer == trust.worker or not isinstance(event, AccessGranted | AccessRevoked):
+    if producer == trust.worker:
         return
+    match event:
+        case AccessGranted() | AccessRevoked():
+            _check_scope(event.user_identity, producer, trust)
+        case KeyCleanup():
+            pass  # the worker's own
+        case _:
+            assert_never(event)
+
+
+def _check_scope(identity: IdentityRef, producer: str | None, trust: Trust) -> None:
     prefixes = trust.publishers.get(producer or "")
     if prefixes is None:
         return
-    key = event.user_identity.user_identity_key
-    if event.user_identity.user_identity_id is not None or key is None:
+    key = identity.user_identity_key
+    if identity.user_identity_id is not None or key is None:
         raise Permanent(
             f"{_who(producer)} may name identities by user_identity_key only",
             reason=Reason.IDENTITY_OUT_OF_SCOPE,
@@ -205,9 +223,10 @@ def check_clock(event: Event, received_at: datetime, skew: timedelta) -> None:
     """Refuse an event that says it occurred later than the worker first received it (plus the
     skew allowed): the fence compares producers' times, and a time from the future would outlive
     every revoke."""
-    if not isinstance(event, AccessGranted | AccessRevoked):
+    occurred = occurred_at(event)
+    if occurred is None:
         return
-    ahead = event.occurred_at - received_at
+    ahead = occurred - received_at
     if ahead > skew:
         raise Permanent(
             f"occurred_at is {_span(ahead)} after the worker first received the event "

@@ -44,7 +44,7 @@ class Bookkeeping:
     publisher: str | None = None
     reason: str | None = None
     error: str | None = None
-    attempts: int | None = None
+    attempts_made: int | None = None  # x-ikw-attempts: a dead letter's; ``attempt`` is a live one's
     source_queue: str | None = None
     dead_lettered_at: datetime | None = None
     # When the worker first received the message: a retry or a replay keeps it, so a producer's
@@ -71,7 +71,7 @@ def read(headers: Mapping[str, Any] | None) -> Bookkeeping:
         publisher=_name(h.get(PUBLISHER)),
         reason=_text(h.get(REASON)),
         error=_text(h.get(ERROR)),
-        attempts=_count(h.get(ATTEMPTS)),
+        attempts_made=_count(h.get(ATTEMPTS)),
         source_queue=_text(h.get(SOURCE_QUEUE)),
         dead_lettered_at=moment(h.get(DEAD_LETTERED_AT)),
         received_at=moment(h.get(RECEIVED_AT)),
@@ -102,7 +102,7 @@ def write(book: Bookkeeping) -> dict[str, Any]:
         PUBLISHER: book.publisher,
         REASON: book.reason,
         ERROR: book.error,
-        ATTEMPTS: book.attempts,
+        ATTEMPTS: book.attempts_made,
         SOURCE_QUEUE: book.source_queue,
         DEAD_LETTERED_AT: book.dead_lettered_at.isoformat() if book.dead_lettered_at else None,
         RECEIVED_AT: book.received_at.isoformat() if book.received_at else None,

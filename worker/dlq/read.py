@@ -60,7 +60,7 @@ def describe(message: AbstractIncomingMessage, worker: str) -> DeadLetter:
     book = headers.read(raw) if message.user_id == worker else headers.Bookkeeping()
     if book.reason:
         reason, source = book.reason, book.source_queue or ""
-        dead_at, error, attempts = book.dead_lettered_at, book.error or "", book.attempts
+        dead_at, error, attempts = book.dead_lettered_at, book.error or "", book.attempts_made
     else:
         death = _broker_death(raw)
         reason = _text(death.get("reason")) or "unknown"
