@@ -1,11 +1,14 @@
 """The events the worker takes, one row each: type and version (from the model), work queue, who
 may publish it, and whether a dead letter of it is announced to its producer. Adding an event
-type: its model (in ``events.Event``), a row here, a flow method; mypy then names each ``match``
-that must handle it (``Consumer._dispatch``, the trust checks, ``events.event_key``)."""
+type: its model (in ``events.Event``), a row here, a flow method called from ``handle``; mypy
+then names each other ``match`` that must handle it (the trust checks, ``events.event_key``)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import assert_never
 
 from worker.events import AccessGranted, AccessRevoked, Event, KeyCleanup, literal
+from worker.flows import Flows, Outcome
 
 
 @dataclass(frozen=True)
@@ -36,3 +39,16 @@ ROUTES = (
     Route(AccessRevoked, "revocations", public=True),
     Route(KeyCleanup, "cleanup", public=False),
 )
+
+
+async def handle(flows: Flows, event: Event, still_held: Callable[[], bool]) -> Outcome:
+    """The flow of each event type."""
+    match event:
+        case AccessGranted():
+            return await flows.grant(event, still_held)
+        case AccessRevoked():
+            return await flows.revoke(event)
+        case KeyCleanup():
+            return await flows.cleanup(event)
+        case _:
+            assert_never(event)

@@ -6,52 +6,35 @@ import asyncio
 import logging
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import assert_never
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from opentelemetry.trace import Tracer
 
 from worker import tracing
-from worker.broker import headers
 from worker.broker.connect import BROKER_ERRORS
 from worker.broker.decision import (
-    DeadLetter,
     Decision,
     Limits,
-    Reset,
     Settled,
     Trust,
     check_clock,
     check_event,
     check_publisher,
     decide,
-    producer_of,
 )
-from worker.broker.headers import Bookkeeping
 from worker.broker.observers import Logs, Measures, Observer, Tracing
-from worker.broker.publisher import Publisher, announce_to
-from worker.broker.returns import LOSS_WINDOW, SLACK, Returns, delivery_count, key, redelivered
-from worker.broker.settle import Handling, Settler, held, printable
+from worker.broker.publisher import Publisher
+from worker.broker.returns import Returns, key
+from worker.broker.settle import Handling, Settler, delivery_failed, held, printable, redelivery
 from worker.errors import CredentialsRefused, Permanent, Reason, Transient
-from worker.events import (
-    ANNOUNCEMENTS,
-    AccessDeliveryFailed,
-    AccessGranted,
-    AccessRevoked,
-    Event,
-    KeyCleanup,
-    KnownIdentity,
-    check_size,
-    parse,
-)
+from worker.events import ANNOUNCEMENTS, check_size, parse
 from worker.flows import Action, Flows, Outcome
 from worker.metrics import Metrics
 from worker.queues import Names
-from worker.routes import Route
+from worker.routes import Route, handle
 
 log = logging.getLogger("worker.consumer")
 
@@ -157,20 +140,9 @@ class Consumer:
         assert task is not None
         self._tasks.add(task)
         try:
-            await self._handle(self._begin(queue, message))
+            await self._handle(Handling.begin(queue, message, self.trust))
         finally:
             self._tasks.discard(task)
-
-    def _begin(self, queue: str, message: AbstractIncomingMessage) -> Handling:
-        # x-ikw-* headers are ours: from anyone but the worker's own user they are not read.
-        own = message.user_id == self.trust.worker
-        book = headers.read(message.headers) if own else Bookkeeping()
-        # Kept on every copy we publish.
-        book = replace(book, received_at=book.received_at or datetime.now(UTC))
-        producer = producer_of(message.user_id, book.publisher, self.trust)
-        trusted = producer == self.trust.worker or producer in self.trust.publishers
-        announce_to.set(producer if trusted else None)  # this message's outcomes go to it alone
-        return Handling(queue, message, book, producer)
 
     async def _handle(self, h: Handling) -> None:
         with ExitStack() as watching:
@@ -178,7 +150,7 @@ class Consumer:
                 watching.enter_context(observer.watch(h))
             self._holding[h.message] = h.queue
             try:
-                early = self._redelivered(h)
+                early = redelivery(h, self.returns)
                 try:
                     if early is None:
                         h.outcome = await self._work(h)
@@ -208,25 +180,13 @@ class Consumer:
                 patient=h.queue in self._patient,
             )
             settled = await asyncio.shield(self.settler.carry_out(h, h.decided))
-            if settled is Settled.DEAD_LETTERED and isinstance(h.decided, DeadLetter):
-                await asyncio.shield(self._announce_failure(h, h.decided))
+            failed = delivery_failed(h, self._routes[h.queue])
+            if settled is Settled.DEAD_LETTERED and failed is not None:
+                await asyncio.shield(self.publisher.announce(failed))
         except Exception as exc:
             settled = await asyncio.shield(self.settler.give_back(h.message, exc))
         fenced = h.outcome is not None and h.outcome.action is Action.FENCED
         return Settled.FENCED if fenced and settled is Settled.ACKED else settled
-
-    def _redelivered(self, h: Handling) -> Reset | DeadLetter | None:
-        """A crash loop, or a copy afresh before the broker's delivery limit (see returns)."""
-        count, book = delivery_count(h.message.headers), h.book
-        if not count and not book.suspect:
-            return None
-        returned = self.returns.returns(key(h.queue, h.message.body))
-        since = book.copied_at - SLACK if book.copied_at else datetime.now(UTC) - LOSS_WINDOW
-        losses = self.returns.losses_since(since)
-        h.redelivery = dict(
-            delivery_count=count, returned=returned, deliveries=book.deliveries, losses=losses
-        )
-        return redelivered(count, book.deliveries, book.excused, returned, losses, book.suspect)
 
     async def _work(self, h: Handling) -> Outcome:
         message = h.message
@@ -250,39 +210,8 @@ class Consumer:
         deadline = asyncio.timeout(seconds)
         try:
             async with deadline:
-                return await self._dispatch(event, partial(held, message))
+                return await handle(self.flows, event, partial(held, message))
         except TimeoutError as exc:
             if not deadline.expired():
                 raise  # a timeout of its own (a Seam call, a confirm), not the deadline
             raise Transient(f"not done within IKW_MESSAGE_DEADLINE ({seconds:g} s)") from exc
-
-    async def _dispatch(self, event: Event, still_held: Callable[[], bool]) -> Outcome:
-        match event:
-            case AccessGranted():
-                return await self.flows.grant(event, still_held)
-            case AccessRevoked():
-                return await self.flows.revoke(event)
-            case KeyCleanup():
-                return await self.flows.cleanup(event)
-            case _:
-                assert_never(event)
-
-    async def _announce_failure(self, h: Handling, dead: DeadLetter) -> None:
-        """A grant that will deliver nothing: its booking system hears why."""
-        route = self._routes[h.queue]
-        if not isinstance(h.event, AccessGranted) or route is None or not route.announces_failure:
-            return
-        event = h.event
-        await self.publisher.announce(
-            AccessDeliveryFailed(
-                occurred_at=datetime.now(UTC),
-                event_id=event.event_id,
-                grant_id=event.grant_id,
-                user_identity=KnownIdentity(
-                    user_identity_id=event.user_identity.user_identity_id,
-                    user_identity_key=event.user_identity.user_identity_key,
-                ),
-                reason=dead.reason,
-                error=dead.error,
-            )
-        )

@@ -22,13 +22,31 @@ from worker.broker.decision import (
     Retry,
     Settled,
     TakenBack,
+    Trust,
     one_line,
+    producer_of,
 )
 from worker.broker.headers import Bookkeeping
-from worker.broker.returns import Returns, key
+from worker.broker.publisher import announce_to
+from worker.broker.returns import (
+    LOSS_WINDOW,
+    SLACK,
+    Returns,
+    delivery_count,
+    key,
+    redelivered,
+)
 from worker.errors import CredentialsRefused
-from worker.events import MAX_BODY_BYTES, Event, event_key
+from worker.events import (
+    MAX_BODY_BYTES,
+    AccessDeliveryFailed,
+    AccessGranted,
+    Event,
+    KnownIdentity,
+    event_key,
+)
 from worker.flows import Outcome
+from worker.routes import Route
 
 log = logging.getLogger("worker.consumer")
 
@@ -59,6 +77,18 @@ class Handling:
     decided: Decision | None = None
     settled: Settled | None = None
 
+    @classmethod
+    def begin(cls, queue: str, message: AbstractIncomingMessage, trust: Trust) -> "Handling":
+        # x-ikw-* headers are ours: from anyone but the worker's own user they are not read.
+        own = message.user_id == trust.worker
+        book = headers.read(message.headers) if own else Bookkeeping()
+        # Kept on every copy we publish.
+        book = replace(book, received_at=book.received_at or datetime.now(UTC))
+        producer = producer_of(message.user_id, book.publisher, trust)
+        trusted = producer == trust.worker or producer in trust.publishers
+        announce_to.set(producer if trusted else None)  # this message's outcomes go to it alone
+        return cls(queue, message, book, producer)
+
     def fields(self) -> dict[str, Any]:
         """Its log fields so far."""
         seen = {
@@ -76,6 +106,40 @@ class Handling:
             case DeadLetter() if self.settled is Settled.DEAD_LETTERED:
                 return {"reason": self.decided.reason, "error": self.decided.error}
         return {}
+
+
+def redelivery(h: Handling, returns: Returns) -> Reset | DeadLetter | None:
+    """A crash loop, or a copy afresh before the broker's delivery limit (see returns)."""
+    count, book = delivery_count(h.message.headers), h.book
+    if not count and not book.suspect:
+        return None
+    returned = returns.returns(key(h.queue, h.message.body))
+    since = book.copied_at - SLACK if book.copied_at else datetime.now(UTC) - LOSS_WINDOW
+    losses = returns.losses_since(since)
+    h.redelivery = dict(
+        delivery_count=count, returned=returned, deliveries=book.deliveries, losses=losses
+    )
+    return redelivered(count, book.deliveries, book.excused, returned, losses, book.suspect)
+
+
+def delivery_failed(h: Handling, route: Route | None) -> AccessDeliveryFailed | None:
+    """A dead-lettered grant will deliver nothing: what its booking system hears."""
+    event, dead = h.event, h.decided
+    if route is None or not route.announces_failure or not isinstance(dead, DeadLetter):
+        return None
+    if not isinstance(event, AccessGranted):
+        return None
+    return AccessDeliveryFailed(
+        occurred_at=datetime.now(UTC),
+        event_id=event.event_id,
+        grant_id=event.grant_id,
+        user_identity=KnownIdentity(
+            user_identity_id=event.user_identity.user_identity_id,
+            user_identity_key=event.user_identity.user_identity_key,
+        ),
+        reason=dead.reason,
+        error=dead.error,
+    )
 
 
 class Settler:
