@@ -32,9 +32,5 @@ def test_every_reason_has_a_one_line_description() -> None:
 
 
 def test_the_dead_queue_tool_reads_the_brokers_reasons_from_the_enum() -> None:
-    assert BROKER_REASONS == {
-        "delivery_limit": "redelivered past the queue's x-delivery-limit, never acked (crash loop?)",
-        "rejected": "rejected without requeue",
-        "expired": "expired (message TTL)",
-        "maxlen": "dropped by the queue's length limit",
-    }
+    assert sorted(BROKER_REASONS) == ["delivery_limit", "expired", "maxlen", "rejected"]
+    assert BROKER_REASONS["rejected"] == "rejected without requeue"
