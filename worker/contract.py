@@ -46,11 +46,33 @@ def asyncapi(names: Names) -> dict[str, Any]:
     }
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
-    for queue, routing_key in names.work_queues.items():
-        if routing_key is None:
+    _published(names, channels, operations)
+    _outcomes(names, channels, operations)
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "instant-key-worker",
+            "version": "1.0.0",
+            "description": (
+                "Events that booking systems publish for instant-key-worker to consume, and the "
+                "outcome events it publishes back."
+            ),
+        },
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": operations,
+        "components": {"messages": messages},
+    }
+
+
+def _published(names: Names, channels: dict[str, Any], operations: dict[str, Any]) -> None:
+    """The events producers publish: routing key their type, on the main exchange."""
+    for route in ROUTES:
+        if not route.public:
             continue
+        routing_key, queue = route.type, names.queue(route)
         key = routing_key.replace(".", "_")
-        message = f"{routing_key}.v1".replace(".", "_")
+        message = route.schema.replace(".", "_")
         channels[key] = {
             "address": routing_key,
             "messages": {message: {"$ref": f"#/components/messages/{message}"}},
@@ -69,6 +91,10 @@ def asyncapi(names: Names) -> dict[str, Any]:
             "summary": "Publish persistent, mandatory, with publisher confirms.",
             "bindings": {"amqp": {"deliveryMode": 2, "mandatory": True, "bindingVersion": "0.3.0"}},
         }
+
+
+def _outcomes(names: Names, channels: dict[str, Any], operations: dict[str, Any]) -> None:
+    """The outcome events the worker publishes, routing key ``<producer>.<type>``."""
     for name in OUTCOMES:
         routing_key = name.removesuffix(".v1")
         key = routing_key.replace(".", "_")
@@ -98,21 +124,6 @@ def asyncapi(names: Names) -> dict[str, Any]:
             "channel": {"$ref": f"#/channels/{key}"},
             "summary": "Outcome events arrive at least once: deduplicate on the message_id.",
         }
-    return {
-        "asyncapi": "3.0.0",
-        "info": {
-            "title": "instant-key-worker",
-            "version": "1.0.0",
-            "description": (
-                "Events that booking systems publish for instant-key-worker to consume, and the "
-                "outcome events it publishes back."
-            ),
-        },
-        "defaultContentType": "application/json",
-        "channels": channels,
-        "operations": operations,
-        "components": {"messages": messages},
-    }
 
 
 def render() -> dict[str, str]:

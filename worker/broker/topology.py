@@ -28,12 +28,15 @@ def _level_pattern(level: int, bit: str) -> str:
     return "*." * (LEVELS - 1 - level) + bit + ".#"
 
 
+Row = tuple[str, str, dict[str, Any]]
+
+
 def plan(
     names: Names,
     revoke_retention: timedelta = REVOKE_RETENTION,
     quorum_size: int | None = None,
     producers: Sequence[str] = (),
-) -> list[tuple[str, str, dict[str, Any]]]:
+) -> list[Row]:
     """The topology as (kind, name, details) rows, for declaring, printing and checking.
     An exchange's details are its type and its arguments. ``producers``: a queue of its own
     outcome events for each (`ikw topology --producer`)."""
@@ -42,7 +45,21 @@ def plan(
     if quorum_size is not None:
         quorum["x-quorum-initial-group-size"] = quorum_size
         replicas["x-initial-cluster-size"] = quorum_size
-    rows: list[tuple[str, str, dict[str, Any]]] = [
+    rows = _exchanges(names, quorum)
+    for stream in (names.fence, names.fence_index):
+        retention = f"{max(1, int(revoke_retention.total_seconds()))}s"
+        rows.append(("queue", stream, _stream(retention, replicas)))
+    rows += _work_queues(names, quorum)
+    rows += _delay_levels(names, quorum)
+    for producer in producers:
+        queue = names.outcome_queue(producer)
+        rows.append(("queue", queue, dict(quorum)))
+        rows.append(("binding", queue, {"exchange": names.outcomes, "key": f"{producer}.#"}))
+    return rows
+
+
+def _exchanges(names: Names, quorum: dict[str, Any]) -> list[Row]:
+    return [
         # An event no queue takes goes to the alternate exchange and is kept as a dead letter.
         ("exchange", names.exchange, {"type": "topic", "alternate-exchange": names.unroutable}),
         ("exchange", names.unroutable, {"type": "fanout"}),
@@ -55,20 +72,20 @@ def plan(
         ("binding", names.unheard, {"exchange": names.outcomes, "key": "#"}),
         ("exchange", names.deliver, {"type": "topic"}),
         ("queue", names.dead, dict(quorum)),
-        *(
-            (
-                "queue",
-                stream,
-                {
-                    "x-queue-type": "stream",
-                    "x-max-age": f"{max(1, int(revoke_retention.total_seconds()))}s",
-                    "x-stream-max-segment-size-bytes": FENCE_SEGMENT_BYTES,
-                    **replicas,
-                },
-            )
-            for stream in (names.fence, names.fence_index)
-        ),
     ]
+
+
+def _stream(retention: str, replicas: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": retention,
+        "x-stream-max-segment-size-bytes": FENCE_SEGMENT_BYTES,
+        **replicas,
+    }
+
+
+def _work_queues(names: Names, quorum: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
     for queue, routing_key in names.work_queues.items():
         arguments = {
             **quorum,
@@ -80,6 +97,11 @@ def plan(
         if routing_key:
             rows.append(("binding", queue, {"exchange": names.exchange, "key": routing_key}))
         rows.append(("binding", queue, {"exchange": names.deliver, "key": f"#.{queue}"}))
+    return rows
+
+
+def _delay_levels(names: Names, quorum: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
     for level in range(LEVELS):
         name = names.delay(level)
         lower = names.delay(level - 1) if level else names.deliver
@@ -96,10 +118,6 @@ def plan(
         rows.append(
             ("exchange-binding", lower, {"exchange": name, "key": _level_pattern(level, "0")})
         )
-    for producer in producers:
-        queue = names.outcome_queue(producer)
-        rows.append(("queue", queue, dict(quorum)))
-        rows.append(("binding", queue, {"exchange": names.outcomes, "key": f"{producer}.#"}))
     return rows
 
 
