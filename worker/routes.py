@@ -17,6 +17,8 @@ class Route:
     queue: str  # the work queue: <namespace>.<queue>
     public: bool  # producers publish it, routing key its type; else only the worker does
     announces_failure: bool = False  # dead-lettered: access.delivery_failed to its producer
+    # Retried for as long as Seam is away, never dead-lettered for it: a key must not outlive it.
+    patient: bool = False
 
     @property
     def type(self) -> str:
@@ -36,8 +38,8 @@ class Route:
 
 ROUTES = (
     Route(AccessGranted, "grants", public=True, announces_failure=True),
-    Route(AccessRevoked, "revocations", public=True),
-    Route(KeyCleanup, "cleanup", public=False),
+    Route(AccessRevoked, "revocations", public=True, patient=True),
+    Route(KeyCleanup, "cleanup", public=False, patient=True),
 )
 
 

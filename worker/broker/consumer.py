@@ -34,7 +34,7 @@ from worker.events import ANNOUNCEMENTS, check_size, parse
 from worker.flows import Action, Flows, Outcome
 from worker.metrics import Metrics
 from worker.queues import Names
-from worker.routes import Route, handle
+from worker.routes import ROUTES, Route, handle
 
 log = logging.getLogger("worker.consumer")
 
@@ -67,8 +67,7 @@ class Consumer:
         self.settler = Settler(publisher, names.dead, self.returns, on_credentials_refused)
         # Queue -> the route of the type it takes; None for the main exchange's unroutable events.
         self._routes: dict[str, Route | None] = {**names.takes, names.unroutable: None}
-        # Revokes and cleanups wait for Seam, however long: a key must not outlive them.
-        self._patient = {names.revocations, names.cleanup}
+        self._patient = {names.queue(route) for route in ROUTES if route.patient}
         self.observers: list[Observer] = [
             Tracing(tracer or tracing.tracer()),
             Measures(metrics, self._patient),
