@@ -29,7 +29,7 @@ def test_every_reason_has_a_one_line_description() -> None:
         assert reason.description and "\n" not in reason.description, reason
         assert len(reason.description) <= 80, reason
     assert REASONS == {str(reason) for reason in Reason}
-    assert "crash_loop" in REASONS and Reason.MAXLEN == "maxlen"
+    assert "crash_loop" in REASONS and str(Reason.MAXLEN) == "maxlen"
 
 
 def test_the_dead_queue_tool_reads_the_brokers_reasons_from_the_enum() -> None:
