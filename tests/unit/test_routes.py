@@ -5,7 +5,7 @@ from typing import get_args
 
 from worker.dlq.read import BROKER_REASONS
 from worker.errors import REASONS, Reason
-from worker.events import MODELS, Event
+from worker.events import MODELS, AccessDeliveryFailed, Event
 from worker.queues import Names
 from worker.routes import ROUTES
 
@@ -35,3 +35,9 @@ def test_every_reason_has_a_one_line_description() -> None:
 def test_the_dead_queue_tool_reads_the_brokers_reasons_from_the_enum() -> None:
     assert sorted(BROKER_REASONS) == ["delivery_limit", "expired", "maxlen", "rejected"]
     assert BROKER_REASONS["rejected"] == "rejected without requeue"
+
+
+def test_the_outcome_schema_names_a_real_reason() -> None:
+    field = AccessDeliveryFailed.model_fields["reason"]
+    example = (field.description or "").rsplit(" ", 1)[-1]
+    assert example in REASONS
