@@ -385,8 +385,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return template_tools.run(args)
     if args.command == "topology" and args.yes and not args.delete:
         raise Failed("--yes goes with --delete only", USAGE)
-    settings = config.broker_settings()
-    names = Names(settings.namespace)
+    broker = config.broker_settings()
+    names = Names(broker.namespace)
     if args.command == "topology" and args.print:
         print(topology.describe(names, args.producer))
         return OK
@@ -395,7 +395,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
     provider = tracing.setup() if args.command == "publish" else None
     if provider is not None:
         trace.set_tracer_provider(provider)
-    connection = await connect(settings.amqp_url, f"ikw {args.command}")
+    connection = await connect(broker.amqp_url, f"ikw {args.command}")
     async with connection:
         if args.command == "topology":
             return await _topology(args, connection, names)
@@ -405,7 +405,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
             # The event starts a trace; with tracing off here, one no SDK records, so the
             # worker's spans and log lines still share the traceparent it gets.
             with trace.use_span(tracing.new_trace() if provider is None else trace.INVALID_SPAN):
-                return await _publish(channel, names, settings.broker_user, *event)
+                return await _publish(channel, names, broker.broker_user, *event)
         finally:
             if provider is not None:
                 await asyncio.to_thread(provider.shutdown)
