@@ -421,7 +421,7 @@ def broker_settings(env: Mapping[str, str] | None = None) -> BrokerSettings:
 
 def variables() -> list[Variable[Any]]:
     """Every variable the worker reads, the channels' included, group by group."""
-    groups = [BrokerSettings, Settings, *(wiring.settings for wiring in CHANNELS), GuestText]
+    groups: list[type[Any]] = [Settings, *(wiring.settings for wiring in CHANNELS)]
     found: dict[str, Variable[Any]] = {}
     for group in groups:
         for _, variable in declared(group):
