@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.builders import grant
-from worker.channels import SmsChannel
+from worker.channels.sms import SmsChannel
 from worker.channels.templates import MAX_SMS_SEGMENTS, sms_segments
 from worker.errors import ChannelRefused, CredentialsRefused, Transient
 from worker.ports import KeyMessage

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from tests import reference as reference_file
-from worker.channels import SmsChannel
+from worker.channels.sms import SmsChannel
 from worker.ports import KeyMessage
 from worker.sandbox.twilio import TwilioSandbox
 
