@@ -2,7 +2,7 @@
 
 Each variable is declared once, on the field of the group that uses it (``setting()``, see
 worker/variables.py): the broker's, the guest text's, the worker's own here; each channel's in
-its module (worker/channels/). ``ikw run --help`` lists them and a test holds the README's table
+its wiring (worker/channels/*_wiring.py). ``ikw run --help`` lists them and a test holds the README's table
 to them."""
 
 import os
@@ -248,6 +248,8 @@ class GuestText:
             problems.extend(f"IKW_TEMPLATES_DIR: {problem}" for problem in exc.problems)
         except OSError as exc:
             problems.append(f"IKW_TEMPLATES_DIR: cannot read {self.templates_dir}: {exc.strerror}")
+        except ValueError as exc:  # a time zone no reader checked (a copy made with replace())
+            problems.append(f"IKW_TIME_ZONE: {exc}")
         else:
             object.__setattr__(self, "templates", compiled)
 
