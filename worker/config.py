@@ -2,8 +2,8 @@
 
 Each variable is declared once, on the field of the group that uses it (``setting()``, see
 worker/variables.py): the broker's, the guest text's, the worker's own here; each channel's in
-its wiring (worker/channels/*_wiring.py). ``ikw run --help`` lists them and a test holds the README's table
-to them."""
+its wiring (worker/channels/*_wiring.py). ``ikw run --help`` lists them and a test holds the
+README's table to them."""
 
 import os
 import re
