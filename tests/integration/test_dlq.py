@@ -17,18 +17,14 @@ import pamqp.header
 import pytest
 
 from tests.builders import body, grant
-from tests.integration.conftest import AMQP_URL
+from tests.helpers import AMQP_URL, Connection, Publish, StartWorker
 from worker import dlq
 from worker.cli import main
 from worker.queues import DELIVERY_LIMIT, Names
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
-from worker.service import Service
 
-Publish = Callable[..., Awaitable[None]]
-StartWorker = Callable[..., Awaitable[Service]]
 Ikw = Callable[..., Awaitable[tuple[int, str, str]]]
-Connection = aio_pika.abc.AbstractRobustConnection
 
 
 @pytest.fixture

@@ -10,15 +10,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tests.builders import grant, revoke
-from tests.integration.conftest import AMQP_URL, WorkerProcess, dead_letters, drain
+from tests.helpers import AMQP_URL, Publish, StartWorker, WorkerProcess, dead_letters, drain
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
 from worker.service import Service
-
-StartWorker = Callable[..., Awaitable[Service]]
-Publish = Callable[..., Awaitable[None]]
 
 
 def at(seconds_ago: float) -> str:

@@ -3,7 +3,7 @@ in-memory exporter on a TracerProvider handed to the worker (the global one stay
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.builders import grant
-from tests.integration.conftest import AMQP_URL, BROKER_USER
+from tests.helpers import AMQP_URL, BROKER_USER, Publish, StartWorker
 from worker.broker.topology import Names
 from worker.cli import main
 from worker.sandbox import wait_for
@@ -25,9 +25,6 @@ HEADERS = {
     "traceparent": f"00-{TRACE_ID:032x}-{PRODUCER_SPAN:016x}-01",
     "tracestate": "booking=t61rcWkgMzE",
 }
-
-Publish = Callable[..., Awaitable[None]]
-StartWorker = Callable[..., Awaitable[Any]]
 
 
 @pytest.fixture
