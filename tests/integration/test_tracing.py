@@ -4,6 +4,7 @@ in-memory exporter on a TracerProvider handed to the worker (the global one stay
 import asyncio
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -71,7 +72,21 @@ def everything_said(spans: Sequence[ReadableSpan]) -> str:
     return "\n".join(parts)
 
 
-async def test_one_grant_is_one_trace_across_a_retry(
+@dataclass
+class Retried:
+    """One grant handled in two attempts (Seam answered 503 to the first), as traced."""
+
+    event: dict[str, Any]
+    spans: Sequence[ReadableSpan]
+    first: ReadableSpan
+    second: ReadableSpan
+    retry: ReadableSpan  # the first attempt's publish of the retry
+    sandbox: Sandbox
+    log_lines: list[str]
+
+
+@pytest.fixture
+async def retried(
     sandbox: Sandbox,
     start_worker: StartWorker,
     publish: Publish,
@@ -79,40 +94,37 @@ async def test_one_grant_is_one_trace_across_a_retry(
     provider: TracerProvider,
     exporter: InMemorySpanExporter,
     log_lines: list[str],
-) -> None:
+) -> Retried:
     await start_worker(tracer_provider=provider)
     # After the key is generated: the retry finds it and delivers it.
     sandbox.seam.fail_next(503, path="/instant_keys/list")
     event = grant()
     await publish(event, headers=HEADERS, message_id=event["event_id"])
 
-    def settled() -> list[ReadableSpan]:
+    def outcomes() -> list[Any]:
         grants = consumed(exporter.get_finished_spans(), names.grants)
-        return (
-            grants
-            if [(s.attributes or {}).get("ikw.outcome") for s in grants]
-            == [
-                "retried",
-                "acked",
-            ]
-            else []
-        )
+        return [(s.attributes or {}).get("ikw.outcome") for s in grants]
 
-    await wait_for(settled, 20, "both attempts' spans")
+    await wait_for(lambda: outcomes() == ["retried", "acked"], 20, "both attempts' spans")
     spans = exporter.get_finished_spans()
     first, second = consumed(spans, names.grants)
-
-    # One trace, the producer's, with its tracestate, across the retry.
-    assert {s.context.trace_id for s in spans if s in (first, second)} == {TRACE_ID}
-    assert parent_id(first) == PRODUCER_SPAN
     [retry] = [
         s
         for s in children(spans, first, SpanKind.PRODUCER)
-        if str((s.attributes or {}).get("messaging.rabbitmq.destination.routing_key")).endswith(
-            "." + names.grants
-        )
+        if str(routing_key(s)).endswith("." + names.grants)
     ]
-    assert parent_id(second) == retry.context.span_id
+    return Retried(event, spans, first, second, retry, sandbox, log_lines)
+
+
+def routing_key(span: ReadableSpan) -> Any:
+    return (span.attributes or {}).get("messaging.rabbitmq.destination.routing_key")
+
+
+async def test_a_retry_stays_in_the_producers_trace(retried: Retried) -> None:
+    first, second, event = retried.first, retried.second, retried.event
+    assert {first.context.trace_id, second.context.trace_id} == {TRACE_ID}
+    assert parent_id(first) == PRODUCER_SPAN
+    assert parent_id(second) == retried.retry.context.span_id
     assert second.context.trace_state.get("booking") == "t61rcWkgMzE"
 
     for span, attempt in ((first, 1), (second, 2)):
@@ -120,10 +132,7 @@ async def test_one_grant_is_one_trace_across_a_retry(
         assert attributes["messaging.system"] == "rabbitmq"
         assert attributes["messaging.operation.type"] == "process"
         assert attributes["messaging.message.id"] == event["event_id"]
-        assert attributes["messaging.rabbitmq.destination.routing_key"] in (
-            "access.granted",
-            retry.attributes and retry.attributes["messaging.rabbitmq.destination.routing_key"],
-        )
+        assert routing_key(span) in ("access.granted", routing_key(retried.retry))
         assert attributes["grant_id"] == event["grant_id"]
         assert attributes["event_id"] == event["event_id"]
         assert attributes["ikw.attempt"] == attempt
@@ -131,6 +140,9 @@ async def test_one_grant_is_one_trace_across_a_retry(
     assert "503" in (first.status.description or "")
     assert second.status.status_code is StatusCode.UNSET
 
+
+async def test_an_attempts_calls_are_its_children(retried: Retried) -> None:
+    spans, first, second = retried.spans, retried.first, retried.second
     # Seam calls are CLIENT spans of the message span that made them (the worker's credentials
     # check at start is a trace of its own).
     seam = [
@@ -156,27 +168,27 @@ async def test_one_grant_is_one_trace_across_a_retry(
     # The SMS went out in the second attempt; the cleanup timer was set in the first.
     [sms] = [s for s in children(spans, second, SpanKind.CLIENT) if s.name == "twilio send"]
     assert sms.attributes and sms.attributes["http.response.status_code"] == 201
-    cleanups = [
-        s
-        for s in children(spans, first, SpanKind.PRODUCER)
-        if str((s.attributes or {}).get("messaging.message.id", "")).startswith("cleanup-")
-    ]
-    assert cleanups
     assert any(
-        (s.attributes or {}).get("messaging.rabbitmq.destination.routing_key")
-        == f"{BROKER_USER}.access.delivered"
-        for s in children(spans, second, SpanKind.PRODUCER)
+        str((s.attributes or {}).get("messaging.message.id", "")).startswith("cleanup-")
+        for s in children(spans, first, SpanKind.PRODUCER)
     )
+    assert f"{BROKER_USER}.access.delivered" in [
+        routing_key(s) for s in children(spans, second, SpanKind.PRODUCER)
+    ]
 
-    # Nothing a span says holds the link or the guest's contacts.
-    said = everything_said(spans)
-    [key] = sandbox.seam.keys.values()
+
+async def test_no_span_holds_the_link_or_the_contacts(retried: Retried) -> None:
+    said = everything_said(retried.spans)
+    [key] = retried.sandbox.seam.keys.values()
     assert key["instant_key_url"] not in said
-    assert event["user_identity"]["phone_number"] not in said
-    assert event["user_identity"]["email_address"] not in said
+    assert retried.event["user_identity"]["phone_number"] not in said
+    assert retried.event["user_identity"]["email_address"] not in said
 
-    # The log lines written while handling the grant carry its trace and its message span.
-    lines = [json.loads(line) for line in log_lines]
+
+async def test_log_lines_carry_the_trace_and_the_message_span(
+    retried: Retried, names: Names
+) -> None:
+    lines = [json.loads(line) for line in retried.log_lines]
     handled = [line for line in lines if line.get("queue") == names.grants]
     assert [line["msg"] for line in handled if line["msg"].startswith("message ")] == [
         "message retried",
@@ -184,7 +196,7 @@ async def test_one_grant_is_one_trace_across_a_retry(
     ]
     assert {line.get("trace_id") for line in handled} == {f"{TRACE_ID:032x}"}
     assert {line["span_id"] for line in handled} == {
-        f"{s.context.span_id:016x}" for s in (first, second)
+        f"{s.context.span_id:016x}" for s in (retried.first, retried.second)
     }
 
 
