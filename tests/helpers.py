@@ -56,6 +56,16 @@ async def dead_letters(amqp: Any, names: Names, count: int, within: float = 20) 
     return found
 
 
+def dead_lettered(service: Service) -> float:
+    """How many messages the worker dead-lettered, whatever the reason (its metric)."""
+    return sum(
+        sample.value
+        for metric in service.metrics.registry.collect()
+        for sample in metric.samples
+        if sample.name == "ikw_dead_letters_total"
+    )
+
+
 def settled(service: Service, queue: str, outcome: str) -> float:
     """How many messages of ``queue`` the worker settled with ``outcome`` (its metric)."""
     value = service.metrics.registry.get_sample_value(
