@@ -26,6 +26,14 @@ HEADERS = {
     "traceparent": f"00-{TRACE_ID:032x}-{PRODUCER_SPAN:016x}-01",
     "tracestate": "booking=t61rcWkgMzE",
 }
+MESSAGE_ATTRIBUTES = (
+    "messaging.system",
+    "messaging.operation.type",
+    "messaging.message.id",
+    "grant_id",
+    "event_id",
+    "ikw.attempt",
+)
 
 
 @pytest.fixture
@@ -103,7 +111,7 @@ async def retried(
 
     def outcomes() -> list[Any]:
         grants = consumed(exporter.get_finished_spans(), names.grants)
-        return [(s.attributes or {}).get("ikw.outcome") for s in grants]
+        return [attr(s, "ikw.outcome") for s in grants]
 
     await wait_for(lambda: outcomes() == ["retried", "acked"], 20, "both attempts' spans")
     spans = exporter.get_finished_spans()
@@ -116,8 +124,12 @@ async def retried(
     return Retried(event, spans, first, second, retry, sandbox, log_lines)
 
 
+def attr(span: ReadableSpan, name: str) -> Any:
+    return (span.attributes or {}).get(name)
+
+
 def routing_key(span: ReadableSpan) -> Any:
-    return (span.attributes or {}).get("messaging.rabbitmq.destination.routing_key")
+    return attr(span, "messaging.rabbitmq.destination.routing_key")
 
 
 async def test_a_retry_stays_in_the_producers_trace(retried: Retried) -> None:
@@ -128,20 +140,21 @@ async def test_a_retry_stays_in_the_producers_trace(retried: Retried) -> None:
     assert second.context.trace_state.get("booking") == "t61rcWkgMzE"
 
     for span, attempt in ((first, 1), (second, 2)):
-        attributes = span.attributes or {}
-        assert attributes["messaging.system"] == "rabbitmq"
-        assert attributes["messaging.operation.type"] == "process"
-        assert attributes["messaging.message.id"] == event["event_id"]
+        assert {name: attr(span, name) for name in MESSAGE_ATTRIBUTES} == {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.message.id": event["event_id"],
+            "grant_id": event["grant_id"],
+            "event_id": event["event_id"],
+            "ikw.attempt": attempt,
+        }
         assert routing_key(span) in ("access.granted", routing_key(retried.retry))
-        assert attributes["grant_id"] == event["grant_id"]
-        assert attributes["event_id"] == event["event_id"]
-        assert attributes["ikw.attempt"] == attempt
     assert first.status.status_code is StatusCode.ERROR
     assert "503" in (first.status.description or "")
     assert second.status.status_code is StatusCode.UNSET
 
 
-async def test_an_attempts_calls_are_its_children(retried: Retried) -> None:
+async def test_seam_calls_are_children_of_their_attempt(retried: Retried) -> None:
     spans, first, second = retried.spans, retried.first, retried.second
     # Seam calls are CLIENT spans of the message span that made them (the worker's credentials
     # check at start is a trace of its own).
@@ -155,21 +168,28 @@ async def test_an_attempts_calls_are_its_children(retried: Retried) -> None:
     assert seam and all(
         parent_id(s) in (first.context.span_id, second.context.span_id) for s in seam
     )
-    [failed] = [s for s in seam if (s.attributes or {}).get("http.response.status_code") == 503]
+    [failed] = [s for s in seam if attr(s, "http.response.status_code") == 503]
     assert parent_id(failed) == first.context.span_id
-    assert failed.attributes and failed.attributes["url.path"] == "/instant_keys/list"
-    assert failed.attributes["http.request.method"] == "POST"
-    assert failed.attributes["server.address"] == "127.0.0.1"
+    assert [
+        attr(failed, name) for name in ("url.path", "http.request.method", "server.address")
+    ] == [
+        "/instant_keys/list",
+        "POST",
+        "127.0.0.1",
+    ]
     assert [s.name for s in children(spans, second, SpanKind.CLIENT) if "POST" in s.name] == [
         "POST /user_identities/get",
         "POST /instant_keys/list",
     ]
 
+
+async def test_the_sms_and_the_timer_are_children_of_their_attempt(retried: Retried) -> None:
+    spans, first, second = retried.spans, retried.first, retried.second
     # The SMS went out in the second attempt; the cleanup timer was set in the first.
     [sms] = [s for s in children(spans, second, SpanKind.CLIENT) if s.name == "twilio send"]
-    assert sms.attributes and sms.attributes["http.response.status_code"] == 201
+    assert attr(sms, "http.response.status_code") == 201
     assert any(
-        str((s.attributes or {}).get("messaging.message.id", "")).startswith("cleanup-")
+        str(attr(s, "messaging.message.id")).startswith("cleanup-")
         for s in children(spans, first, SpanKind.PRODUCER)
     )
     assert f"{BROKER_USER}.access.delivered" in [
