@@ -17,6 +17,7 @@ from worker.service import Service
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 BROKER_USER = config.Settings(amqp_url=AMQP_URL).broker_user
+IKW = [sys.executable, "-m", "worker.cli"]  # `ikw` as a process of its own
 
 # The types of the fixtures of tests/integration/conftest.py.
 Connection: TypeAlias = aio_pika.abc.AbstractRobustConnection
@@ -85,7 +86,7 @@ class WorkerProcess:
     async def start(self) -> "WorkerProcess":
         with self.log.open("ab") as out:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "worker.cli", "run", env=os.environ | self.env, stderr=out
+                *IKW, "run", env=os.environ | self.env, stderr=out
             )
         await wait_for(lambda: '"consuming"' in self.log.read_text(), 30, "the worker to consume")
         return self
