@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo run sandbox test lint schemas bench soak soak-cluster cluster-start cluster-stop clean
+.PHONY: install demo run sandbox test lint schemas bench bench-fence soak soak-cluster cluster-start cluster-stop clean
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ schemas: install  ## re-export schemas/ from the models
 bench: install  ## one worker at 0, 50 and 200 ms per Seam call, against the floor and the Celery peer
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/throughput.py --latencies 0,50,200 --peer celery
+
+bench-fence: install  ## a fence of 1,000,000 revokes: a fresh replica's seconds to ready, records/s, RSS
+	$(BIN)/python bench/fence.py
 
 soak: install  ## fault soak: lost and duplicate keys must print 0
 	$(BIN)/python bench/soak.py

@@ -12,6 +12,7 @@ from worker.events import (
     AccessRevoked,
     KeyDeleted,
     Model,
+    RevokeCompleted,
 )
 from worker.queues import Names
 
@@ -23,6 +24,7 @@ OUTCOMES: dict[str, type[Model]] = {
     "access.delivered.v1": AccessDelivered,
     "access.delivery_failed.v1": AccessDeliveryFailed,
     "instant_key.deleted.v1": KeyDeleted,
+    "access.revoke_completed.v1": RevokeCompleted,
 }
 
 

@@ -218,8 +218,27 @@ class KeyDeleted(OutcomeBase):
     why: DeletedWhy
 
 
-Announcement = AccessDelivered | AccessDeliveryFailed | KeyDeleted
-ANNOUNCEMENTS = ("access.delivered", "access.delivery_failed", "instant_key.deleted")
+class RevokeCompleted(OutcomeBase):
+    """Published by the worker when a revoke has done its work: every key delivered for a grant
+    that occurred at or before it (or for a grant unknown to the worker) is deleted."""
+
+    model_config = ConfigDict(title="access.revoke_completed v1")
+    type: Literal["access.revoke_completed"] = "access.revoke_completed"
+    event_id: str
+    grant_id: str
+    user_identity: KnownIdentity
+    revoked_at: AwareDatetime = Field(description="The revoke's occurred_at")
+    deleted: int = Field(description="Instant Keys deleted")
+    kept: int = Field(description="Instant Keys left: delivered for grants that occurred later")
+
+
+Announcement = AccessDelivered | AccessDeliveryFailed | KeyDeleted | RevokeCompleted
+ANNOUNCEMENTS = (
+    "access.delivered",
+    "access.delivery_failed",
+    "instant_key.deleted",
+    "access.revoke_completed",
+)
 
 Event = AccessGranted | AccessRevoked | KeyCleanup
 MODELS: dict[tuple[str, int], type[Model]] = {

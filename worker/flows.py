@@ -19,6 +19,7 @@ from worker.events import (
     KeyCleanup,
     KeyDeleted,
     KnownIdentity,
+    RevokeCompleted,
 )
 from worker.guest_name import clean_name
 from worker.logs import mask_email, mask_phone
@@ -154,6 +155,9 @@ class Flows:
                 return Outcome(
                     Action.FENCED, key_id=key.instant_key_id, minted=minted, deleted=int(minted)
                 )
+            # Recorded before it is sent: a key delivered for this grant outlives only revokes
+            # that occurred before it (an unrecorded key is treated as revoked).
+            await self.fence.record_delivery(key.instant_key_id, event.occurred_at, key.expires_at)
             message = KeyMessage(
                 full_name=guest.full_name or identity.full_name,
                 phone_number=guest.phone_number or identity.phone_number,
@@ -193,18 +197,48 @@ class Flows:
 
     async def revoke(self, event: AccessRevoked) -> Outcome:
         ref = event.user_identity
+        names = identity_names(ref.user_identity_id, ref.user_identity_key)
+        # Recorded before any Seam call: it fences at once, whatever Seam does.
+        await self.fence.record_revoke(names, event.occurred_at)
+        deleted: list[InstantKey] = []
+        kept = 0
         async with self.locks.hold(ref.lock_key):
             identity = await self._resolve(ref)
-            names = identity_names(ref.user_identity_id, ref.user_identity_key)
             if identity is not None:
-                names += identity_names(identity.user_identity_id, identity.user_identity_key)
-            # Remembered first: a grant that mints after our listing below still sees it.
-            await self.fence.record(names, event.occurred_at)
-            if identity is None:
-                return Outcome(Action.REVOKED)  # nothing of theirs exists in Seam
-            keys = await self.seam.list_instant_keys(identity.user_identity_id)
-            await self._each(keys, lambda key: self._delete(key, "revoked"))
-        return Outcome(Action.REVOKED, deleted=len(keys))
+                known = identity_names(identity.user_identity_id, identity.user_identity_key)
+                if set(known) - set(names):
+                    await self.fence.record_revoke(names + known, event.occurred_at)
+                # Recording read on to our own entry: deliveries recorded before it by any
+                # replica are known here. Keys delivered for later grants stay.
+                keys = await self.seam.list_instant_keys(identity.user_identity_id)
+                deleted = [key for key in keys if self._revoked_by(key, event)]
+                kept = len(keys) - len(deleted)
+                await self._each(deleted, lambda key: self._delete(key, "revoked"))
+        await self.announcer.announce(
+            RevokeCompleted(
+                occurred_at=self.clock(),
+                event_id=event.event_id,
+                grant_id=event.grant_id,
+                user_identity=KnownIdentity(
+                    user_identity_id=identity.user_identity_id if identity else None,
+                    user_identity_key=ref.user_identity_key,
+                ),
+                revoked_at=event.occurred_at,
+                deleted=len(deleted),
+                kept=kept,
+            )
+        )
+        return Outcome(
+            Action.REVOKED,
+            deleted=len(deleted),
+            identity_id=identity.user_identity_id if identity else None,
+        )
+
+    def _revoked_by(self, key: InstantKey, event: AccessRevoked) -> bool:
+        """A key delivered for a grant that occurred at or before the revoke, or for a grant
+        the record does not know (treated as revoked)."""
+        grant_at = self.fence.delivered_for(key.instant_key_id)
+        return grant_at is None or grant_at <= event.occurred_at
 
     async def cleanup(self, event: KeyCleanup) -> Outcome:
         early = event.expires_at - self.clock()

@@ -3,12 +3,16 @@
 import platform
 from datetime import UTC, datetime
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from worker.broker.decision import Ack, Decision, Retry
 from worker.errors import REASONS
+
+if TYPE_CHECKING:
+    from worker.broker.fence import StreamFence
 
 # From a tenth of a second to an hour: a healthy backlog is seconds; an alert is minutes.
 WAIT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -73,6 +77,27 @@ class Metrics:
         self.credentials.labels("seam")
         self.build = Info("ikw_build", "Version of the worker and of Python", registry=r)
         self.build.info({"version": version(), "python": platform.python_version()})
+
+    def follow(self, fence: "StreamFence") -> None:
+        """Gauges of what the revocation fence holds."""
+        entries = Gauge(
+            "ikw_fence_entries",
+            "Revokes and deliveries the revocation fence holds in memory",
+            registry=self.registry,
+        )
+        entries.set_function(lambda: float(len(fence.record)))
+        held = Gauge(
+            "ikw_fence_memory_bytes",
+            "Memory the revocation fence holds (estimated at its last catch-up or snapshot)",
+            registry=self.registry,
+        )
+        held.set_function(lambda: float(fence.memory))
+        read = Gauge(
+            "ikw_fence_records_read",
+            "Records read from the fence since start",
+            registry=self.registry,
+        )
+        read.set_function(lambda: float(fence.read))
 
     def refused(self, service: str) -> None:
         """Paused for ``service`` (1), every other service 0; "" when consuming again."""

@@ -104,18 +104,29 @@ class Scheduler(Protocol):
 
 
 class Fence(Protocol):
-    """Revokes remembered by every replica: a revoke wins over every grant that occurred before
-    it. Identities are named ``key:<user_identity_key>`` or ``id:<user_identity_id>``."""
+    """The worker's record, as every replica follows it: revokes win over every grant that
+    occurred before them; deliveries say which grant each key was last delivered for.
+    Identities are named ``key:<user_identity_key>`` or ``id:<user_identity_id>``."""
 
     def revoked_at(self, names: Iterable[str]) -> datetime | None:
         """The latest revoke of any of ``names`` this replica has seen, if any."""
 
-    async def record(self, names: Iterable[str], occurred_at: datetime) -> None:
-        """Durably remember a revoke (confirmed), before its keys are deleted."""
+    def delivered_for(self, instant_key_id: str) -> datetime | None:
+        """When the latest grant this key was delivered for occurred; None: unknown."""
+
+    async def record_revoke(self, names: Iterable[str], occurred_at: datetime) -> None:
+        """Durably record a revoke (confirmed), then read on until this replica has read it
+        back: every delivery recorded before it is known here."""
+
+    async def record_delivery(
+        self, instant_key_id: str, grant_at: datetime, expires_at: datetime
+    ) -> None:
+        """Durably record that the key is being delivered for a grant that occurred at
+        ``grant_at`` (confirmed), before it is sent."""
 
     async def wait_caught_up(self) -> None:
-        """Until this replica has read every revoke recorded before it (re)connected; raises
-        Transient when that takes too long."""
+        """Until this replica has read every record written before it (re)connected; raises
+        Transient, naming the fence, when that takes too long."""
 
 
 class Announcer(Protocol):

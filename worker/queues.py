@@ -44,6 +44,11 @@ class Names:
         return f"{self.namespace}.fence"
 
     @property
+    def fence_index(self) -> str:
+        """Where the latest snapshot of the fence starts: a starting replica reads from there."""
+        return f"{self.namespace}.fence.index"
+
+    @property
     def unroutable(self) -> str:
         """The main exchange's alternate exchange, and its queue, for events no queue takes."""
         return f"{self.namespace}.unroutable"
@@ -92,6 +97,7 @@ class Names:
             self.unroutable,
             self.unheard,
             self.fence,
+            self.fence_index,
             *(self.delay(n) for n in range(LEVELS)),
         ]
 

@@ -130,7 +130,6 @@ class Service:
         self.http: Served | None = None
         self.stopping = asyncio.Event()
         self._guard: asyncio.Task[None] | None = None
-        self._catching_up: asyncio.Task[None] | None = None
         self._paused_by = ""
         self._channels: list[AbstractChannel] = []
         self.metrics.ready.set_function(lambda: float(self.ready))
@@ -143,7 +142,8 @@ class Service:
         if self.connection is None or self.connection.is_closed:
             return "not connected to RabbitMQ"
         if self.fence is None or not self.fence.caught_up.is_set():
-            return "catching up with the revocation fence"
+            read = f": {self.fence.progress}" if self.fence else ""
+            return f"catching up with the revocation fence{read}"
         if self._paused_by:
             return f"paused: {self._paused_by} refuses our credentials"
         if self.consumer is None or not self.consumer.consuming:
@@ -182,7 +182,10 @@ class Service:
         else:
             await self._expect(self.names.outcomes)
         publisher = Publisher(publishing, self.names, self.settings.broker_user, tracer=self.tracer)
-        self.fence = StreamFence(self.names, publisher, self.settings.broker_user)
+        self.fence = StreamFence(
+            self.names, publisher, self.settings.broker_user, self.settings.revoke_retention
+        )
+        self.metrics.follow(self.fence)
         await self.fence.start(following)
         flows = Flows(
             self.seam,
@@ -223,35 +226,14 @@ class Service:
         self._guard = asyncio.create_task(self._wait_for_credentials(None))
 
     def _connection_lost(self, *_: object) -> None:
+        if self.fence is not None:
+            self.fence.caught_up.clear()  # revokes may be recorded meanwhile: read them first
         if not self.stopping.is_set():
             log.warning("lost the connection to RabbitMQ; reconnecting")
 
     def _reconnected(self, *_: object) -> None:
+        # The fence reads on by itself once its channel is back (StreamFence._reopened).
         log.info("reconnected to RabbitMQ")
-        # Revokes recorded while we were away are read before any grant is decided. A catch-up
-        # left over from an earlier reconnect may wait for a marker that connection lost.
-        if self.fence is not None:
-            if self._catching_up is not None:
-                self._catching_up.cancel()
-            self._catching_up = asyncio.create_task(self._catch_up())
-
-    async def _catch_up(self) -> None:
-        """Until the fence has caught up, trying again while the connection is up."""
-        assert self.fence is not None
-        delay = 0.5
-        while not self.stopping.is_set():
-            try:
-                await self.fence.catch_up()
-                return
-            except Exception as exc:
-                log.warning(
-                    "could not catch up with the revocation fence (%s); trying again",
-                    type(exc).__name__,
-                )
-            try:
-                await asyncio.wait_for(self.stopping.wait(), delay)
-            except TimeoutError:
-                delay = min(delay * 2, CHECK_BACKOFF_CAP)
 
     def _credentials_refused(self, exc: CredentialsRefused) -> None:
         if self._guard is None or self._guard.done():
@@ -306,8 +288,8 @@ class Service:
         self.stopping.set()
         if self._guard:
             await asyncio.gather(self._guard, return_exceptions=True)
-        if self._catching_up:
-            self._catching_up.cancel()
+        if self.fence:
+            self.fence.stop()
         if self.consumer:
             cancelled = await self.consumer.stop(self.settings.shutdown_grace.total_seconds())
             if cancelled:

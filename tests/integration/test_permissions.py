@@ -189,7 +189,7 @@ async def admin(broker: Broker, connect: Connect) -> AbstractConnection:
 
 def worker_queues(names: Names) -> list[str]:
     ns = names.namespace
-    return [*names.work_queues, names.dead, f"{ns}.unroutable", f"{ns}.fence"]
+    return [*names.work_queues, names.dead, f"{ns}.unroutable", f"{ns}.fence", f"{ns}.fence.index"]
 
 
 def every_queue(names: Names) -> list[str]:

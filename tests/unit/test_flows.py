@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.builders import body, grant, revoke
-from worker.errors import ChannelRefused, Permanent, SeamRejected
+from worker.errors import ChannelRefused, Permanent, SeamRejected, Transient
 from worker.events import (
     AccessDelivered,
     AccessGranted,
@@ -18,6 +18,7 @@ from worker.events import (
     Announcement,
     KeyCleanup,
     KeyDeleted,
+    RevokeCompleted,
     parse,
 )
 from worker.flows import Action, Flows
@@ -110,13 +111,20 @@ class Scheduled:
 class MemoryFence:
     def __init__(self) -> None:
         self.revoked: dict[str, datetime] = {}
+        self.delivered: dict[str, datetime] = {}
 
     def revoked_at(self, names: Iterable[str]) -> datetime | None:
         return max((self.revoked[n] for n in names if n in self.revoked), default=None)
 
-    async def record(self, names: Iterable[str], occurred_at: datetime) -> None:
+    def delivered_for(self, instant_key_id: str) -> datetime | None:
+        return self.delivered.get(instant_key_id)
+
+    async def record_revoke(self, names: Iterable[str], occurred_at: datetime) -> None:
         for name in names:
             self.revoked[name] = max(occurred_at, self.revoked.get(name, occurred_at))
+
+    async def record_delivery(self, instant_key_id: str, grant_at: datetime, _: datetime) -> None:
+        self.delivered[instant_key_id] = max(grant_at, self.delivered.get(instant_key_id, grant_at))
 
     async def wait_caught_up(self) -> None:
         pass
@@ -270,7 +278,7 @@ async def test_a_grant_older_than_a_recorded_revoke_is_fenced_before_anything_ha
     seam, fence = MemorySeam(), MemoryFence()
     sms = Recorder("sms")
     flow, _ = flows(seam, sms, fence=fence)
-    await fence.record(["key:guest-1"], NOW)
+    await fence.record_revoke(["key:guest-1"], NOW)
     outcome = await flow.grant(event(NOW - timedelta(minutes=5)))
     assert outcome.action is Action.FENCED
     assert (sms.sent, seam.keys) == ([], {})
@@ -291,7 +299,7 @@ async def test_a_new_booking_after_a_revoke_is_delivered() -> None:
     seam, fence = MemorySeam(), MemoryFence()
     sms = Recorder("sms")
     flow, _ = flows(seam, sms, fence=fence)
-    await fence.record(["key:guest-1"], NOW - timedelta(minutes=5))
+    await fence.record_revoke(["key:guest-1"], NOW - timedelta(minutes=5))
     outcome = await flow.grant(event(NOW - timedelta(minutes=1)))
     assert outcome.action is Action.GRANTED and len(sms.sent) == 1
 
@@ -303,16 +311,73 @@ async def test_a_grant_older_than_the_revoke_retention_is_refused() -> None:
     assert caught.value.reason == "stale_grant"
 
 
+def revoked_at(moment: datetime) -> AccessRevoked:
+    parsed = parse(body(revoke("guest-1") | {"occurred_at": at(moment)}), None)
+    assert isinstance(parsed, AccessRevoked)
+    return parsed
+
+
 async def test_a_revoke_is_recorded_by_key_and_id_then_deletes_every_key() -> None:
     seam, fence = MemorySeam(), MemoryFence()
     for _ in range(3):
         seam.add_key(timedelta(hours=3))
     flow, _ = flows(seam, fence=fence)
-    parsed = parse(body(revoke("guest-1") | {"occurred_at": at(NOW)}), None)
-    assert isinstance(parsed, AccessRevoked)
-    outcome = await flow.revoke(parsed)
+    outcome = await flow.revoke(revoked_at(NOW))
     assert (outcome.action, outcome.deleted, seam.keys) == (Action.REVOKED, 3, {})
     assert fence.revoked == {"key:guest-1": NOW, "id:ui-1": NOW}
+
+
+async def test_a_revoke_is_recorded_before_seam_answers() -> None:
+    seam, fence = MemorySeam(), MemoryFence()
+
+    async def down(**_: str | None) -> UserIdentity | None:
+        raise Transient("seam answered 503")
+
+    seam.get_user_identity = down  # type: ignore[method-assign]
+    flow, _ = flows(seam, fence=fence)
+    with pytest.raises(Transient):
+        await flow.revoke(revoked_at(NOW))
+    assert fence.revoked == {"key:guest-1": NOW}
+
+
+async def test_a_revoke_deletes_keys_of_earlier_or_unknown_grants_and_says_so() -> None:
+    seam, fence, heard = MemorySeam(), MemoryFence(), Heard()
+    earlier, later, unknown = (seam.add_key(timedelta(hours=3)) for _ in range(3))
+    fence.delivered = {
+        earlier.instant_key_id: NOW - timedelta(hours=2),
+        later.instant_key_id: NOW,
+    }
+    flow, _ = flows(seam, fence=fence, heard=heard)
+    revoke_event = revoked_at(NOW - timedelta(hours=1))
+    outcome = await flow.revoke(revoke_event)
+    assert outcome.deleted == 2 and list(seam.keys) == [later.instant_key_id]
+    completed = heard.outcomes[-1]
+    assert isinstance(completed, RevokeCompleted)
+    assert completed.event_id == revoke_event.event_id
+    assert completed.grant_id == revoke_event.grant_id
+    assert (completed.deleted, completed.kept) == (2, 1)
+    assert completed.revoked_at == revoke_event.occurred_at
+    assert completed.user_identity.user_identity_id == "ui-1"
+    assert {o.instant_key_id for o in heard.outcomes if isinstance(o, KeyDeleted)} == {
+        earlier.instant_key_id,
+        unknown.instant_key_id,
+    }
+
+
+async def test_a_key_is_recorded_as_delivered_for_its_grant_before_it_is_sent() -> None:
+    seam, fence = MemorySeam(), MemoryFence()
+    recorded: list[bool] = []
+
+    class Checking(Recorder):
+        async def send(self, message: KeyMessage) -> str:
+            recorded.append(bool(fence.delivered))
+            return await super().send(message)
+
+    flow, _ = flows(seam, Checking("sms"), fence=fence)
+    grant_event = event(NOW - timedelta(minutes=3))
+    outcome = await flow.grant(grant_event)
+    assert recorded == [True]
+    assert fence.delivered == {outcome.key_id: grant_event.occurred_at}
 
 
 def cleanup(key_id: str, identity: str = "ui-1") -> KeyCleanup:

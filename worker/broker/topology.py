@@ -55,15 +55,18 @@ def plan(
         ("binding", names.unheard, {"exchange": names.outcomes, "key": "#"}),
         ("exchange", names.deliver, {"type": "topic"}),
         ("queue", names.dead, dict(quorum)),
-        (
-            "queue",
-            names.fence,
-            {
-                "x-queue-type": "stream",
-                "x-max-age": f"{max(1, int(revoke_retention.total_seconds()))}s",
-                "x-stream-max-segment-size-bytes": FENCE_SEGMENT_BYTES,
-                **replicas,
-            },
+        *(
+            (
+                "queue",
+                stream,
+                {
+                    "x-queue-type": "stream",
+                    "x-max-age": f"{max(1, int(revoke_retention.total_seconds()))}s",
+                    "x-stream-max-segment-size-bytes": FENCE_SEGMENT_BYTES,
+                    **replicas,
+                },
+            )
+            for stream in (names.fence, names.fence_index)
         ),
     ]
     for queue, routing_key in names.work_queues.items():
