@@ -47,7 +47,7 @@ soak: install  ## fault soak: lost and duplicate keys must print 0
 
 # A three-node RabbitMQ cluster on 5701-5703 (root or the rabbitmq user; the broker on 5672 is
 # left alone). `bench/cluster run` always stops the cluster after the soak, failed or not.
-soak-cluster: install  ## the soak on a 3-node cluster: the grants leader stopped, a node SIGKILLed
+soak-cluster: install  ## the soak on a 3-node cluster: leader stopped, a node SIGKILLed, a rolling restart
 	bench/cluster run $(BIN)/python bench/soak.py --cluster --deadline 1500
 
 cluster-start:  ## the bench's 3-node cluster (AMQP_URL printed)

@@ -300,8 +300,12 @@ class Broker:
 
     async def open(self) -> None:
         self.connection = await connect(self.url, f"bench {self.names.namespace}")
+        # Declared on a channel closed after: a robust channel declares it all again on every
+        # reconnect, which fails while the node of the classic queue <ns>.unheard is down.
+        declaring = await self.connection.channel()
+        await topology.declare(declaring, self.names, quorum_size=self.quorum_size)
+        await declaring.close()
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        await topology.declare(self.channel, self.names, quorum_size=self.quorum_size)
         self.publisher = Publisher(
             self.channel, self.names, config.Settings(amqp_url=self.url).broker_user
         )

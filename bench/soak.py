@@ -1,7 +1,8 @@
 """Fault soak: grants through several `ikw run` workers while Seam answers 503, Twilio 429 and a
-proxy cuts every AMQP connection (or, with --cluster, two nodes of a three-node cluster fail); then
-count what was delivered, dead-lettered, sent twice, minted twice and lost. Exits 1 when a grant
-is lost, an identity holds two live keys or a worker hangs.
+proxy cuts every AMQP connection (or, with --cluster, on a three-node cluster: the grants leader
+stopped, a node SIGKILLed, then a rolling restart of all three); then count what was delivered,
+dead-lettered, sent twice, minted twice and lost. Exits 1 when a grant is lost or dead-lettered
+and never delivered, an identity holds two live keys or a worker hangs.
 
 Every event carries its number in the guest's name, written in letters since the worker drops a
 name holding a digit ("Guest Eaabq" is event 42: four base-26 digits a-z), which the SMS and the
@@ -44,7 +45,7 @@ from harness import (
 from worker.broker import topology
 from worker.broker.connect import BROKER_ERRORS, connect
 from worker.broker.topology import Names
-from worker.config import amqp_urls
+from worker.config import Settings, amqp_urls
 from worker.sandbox.all import Sandbox
 from worker.sandbox.proxy import Proxy
 
@@ -60,7 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--grants", type=int, default=2000, help="distinct grant events (2000)")
     add("--workers", type=int, default=3, help="worker processes (3)")
-    add("--prefetch", type=int, default=32, help="IKW_PREFETCH per worker (32)")
+    add(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="IKW_PREFETCH per worker (32; --cluster: the worker's default)",
+    )
+    add("--rate", type=float, default=None, help="grants/s published (all at once; --cluster: 12)")
     add("--seam-503", type=float, default=0.10, help="share of Seam calls failed with 503")
     add("--twilio-429", type=float, default=0.05, help="share of SMS refused with 20429/429")
     add("--seam-latency", type=float, default=0.0, help="ms added to each Seam call (0)")
@@ -79,13 +86,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "queue's leader, later SIGKILL another node, restart both (run by make soak-cluster)",
     )
     add(
-        "--fail-at", type=float, nargs=2, default=[0.2, 0.5], help="share accounted at each failure"
+        "--fail-at",
+        type=float,
+        nargs=3,
+        default=[0.1, 0.2, 0.3],
+        help="share accounted at the leader's stop, the SIGKILL, the rolling restart",
     )
     args = parser.parse_args(argv)
     if not 1 <= args.grants <= 26**TAG_LETTERS:
         parser.error(f"--grants: 1 to {26**TAG_LETTERS}")
     if args.cluster:
         args.cut_every = 0.0
+    if args.rate is None:
+        args.rate = 12.0 if args.cluster else 0.0
+    if args.prefetch is None:
+        args.prefetch = Settings.prefetch if args.cluster else 32
     return args
 
 
@@ -225,8 +240,11 @@ class Tally:
     def on_dead(self, message: AbstractIncomingMessage) -> None:
         headers = message.headers or {}
         reason = _text(headers.get("x-ikw-reason"))
-        if reason is None:
-            reason = f"broker:{_text(headers.get('x-first-death-reason')) or '?'}"
+        if reason is None:  # the latest death (x-death, newest first): a retry first "died" by TTL
+            deaths = headers.get("x-death")
+            last = deaths[0] if isinstance(deaths, list) and deaths else None
+            said = _text(last.get("reason")) if isinstance(last, dict) else None
+            reason = f"broker:{said or '?'}"
         try:
             event_id = json.loads(message.body).get("event_id")
         except (ValueError, AttributeError):
@@ -235,6 +253,8 @@ class Tally:
 
     async def on_dead_message(self, message: AbstractIncomingMessage) -> None:
         self.on_dead(message)
+        with contextlib.suppress(*BROKER_ERRORS):
+            await message.ack()  # unacked, a dead letter in flight survives a node's restart
 
     def dead_count(self) -> Counter[int]:
         return Counter(d.number for d in self.dead if d.number is not None)
@@ -367,6 +387,33 @@ async def drain_dead(channel: AbstractChannel, names: Names, tally: Tally) -> No
         tally.on_dead(message)
 
 
+async def publish(broker: Broker, order: list[Grant], rate: float) -> None:
+    """Every copy, all at once or at ``rate`` per second; at a rate, while nodes fail, each is
+    published again until confirmed (the soak's own connection fails over too)."""
+    started = time.monotonic()
+    if rate <= 0:
+        await broker.publish_grants((g.event_id, g.body()) for g in order)
+    else:
+        assert broker.publisher is not None
+        publisher = broker.publisher
+
+        async def one(grant: Grant) -> None:
+            while True:
+                try:
+                    return await publisher.publish_event(
+                        "access.granted", grant.body(), grant.event_id
+                    )
+                except BROKER_ERRORS:
+                    await asyncio.sleep(0.5)
+
+        tasks = []
+        for index, grant in enumerate(order):
+            await asyncio.sleep(max(0.0, started + index / rate - time.monotonic()))
+            tasks.append(asyncio.create_task(one(grant)))
+        await asyncio.gather(*tasks)
+    print(f"published {len(order)} in {time.monotonic() - started:.1f} s", file=sys.stderr)
+
+
 # ------------------------------------------------------------------------------ failovers
 
 CLUSTER = Path(__file__).with_name("cluster")
@@ -393,16 +440,12 @@ async def cluster(*args: str, timeout: float = 300) -> str:
     return out.decode().strip()
 
 
-def node_of(port: int) -> int:
-    """bench/cluster's node number from its AMQP port (5701 -> 1)."""
-    return port - 5700
-
-
 @dataclass
 class Failure:
     node: int
-    how: str  # "stopped" (rabbitmqctl shutdown) or "SIGKILL"
-    was_leader: bool
+    how: str  # "stopped" (rabbitmqctl shutdown), "SIGKILL" or "restarted" (rolling)
+    was_leader: bool  # of the grants queue
+    leads_none: bool  # of the work queues
     at: float  # monotonic: the stop or kill was issued
     gone: float = 0.0  # monotonic: the node's process was gone
     back: float | None = None  # monotonic: restarted and booted
@@ -410,19 +453,21 @@ class Failure:
 
 @dataclass
 class Failovers:
-    """Two failures mid-load: the grants queue's leader stopped, later another node SIGKILLed;
-    each restarted ``downtime`` s after. ``spared``: the node of the soak's own connection (its
-    no-ack dead-letter reader and its census are not what is under test)."""
+    """Failures mid-load, each node restarted ``downtime`` s after: the grants queue's leader
+    stopped, then a node that leads none of the work queues (else one that does not lead the
+    grants) SIGKILLed, then a rolling restart (nodes 1, 2, 3 stopped and started in turn). The
+    soak's own connection fails over like the workers'; its dead-letter reader acks."""
 
     queue: str
-    spared: int
-    fail_at: tuple[float, float]
+    work_queues: tuple[str, ...]
+    fail_at: tuple[float, float, float]
     deadline: float = 600.0
     downtime: float = 5.0
     failures: list[Failure] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     error: str | None = None
     busy: bool = False  # a node is being stopped, killed or restarted: let that finish
+    planned: int = 5
 
     def start(self, progress: Callable[[], float]) -> None:
         self.task = asyncio.create_task(self._run(progress))
@@ -430,17 +475,16 @@ class Failovers:
     async def _run(self, progress: Callable[[], float]) -> None:
         try:
             await self._until(progress, self.fail_at[0])
-            leader = await self._leader()
-            await self._fail(leader, "stop-node", leader)
+            leader = await self._leader(self.queue)
+            await self._fail(leader, "stop-node")
             await self._until(progress, self.fail_at[1])
-            leader = await self._leader()
-            first = self.failures[0].node
-            second = (
-                leader
-                if leader not in (first, self.spared)
-                else next(n for n in (1, 2, 3) if n not in (first, self.spared))
-            )
-            await self._fail(second, "kill-node", leader)
+            leading = {await self._leader(queue) for queue in self.work_queues}
+            leader = await self._leader(self.queue)
+            others = [n for n in (1, 2, 3) if n != leader]
+            await self._fail(next((n for n in others if n not in leading), others[0]), "kill-node")
+            await self._until(progress, self.fail_at[2])
+            for node in (1, 2, 3):
+                await self._fail(node, "restart")
         except Exception as exc:  # told in the report; the soak's accounting goes on
             self.error = f"{type(exc).__name__}: {exc}"
             print(f"failovers stopped: {self.error}", file=sys.stderr)
@@ -452,17 +496,19 @@ class Failovers:
             await asyncio.sleep(0.25)
         raise TimeoutError(f"{share:.0%} never accounted for")
 
-    async def _leader(self) -> int:
-        name = await cluster("leader", self.queue)  # ikw2@localhost
+    async def _leader(self, queue: str) -> int:
+        name = await cluster("leader", queue)  # ikw2@localhost
         return int(name.partition("@")[0].removeprefix("ikw"))
 
-    async def _fail(self, node: int, command: str, leader: int) -> None:
-        how = "stopped" if command == "stop-node" else "SIGKILL"
+    async def _fail(self, node: int, command: str) -> None:
+        how = {"stop-node": "stopped", "kill-node": "SIGKILL", "restart": "restarted"}[command]
         self.busy = True
-        failure = Failure(node, how, node == leader, time.monotonic())
+        leader = await self._leader(self.queue)
+        leading = {await self._leader(queue) for queue in self.work_queues}
+        failure = Failure(node, how, node == leader, node not in leading, time.monotonic())
         self.failures.append(failure)
-        print(f"failover: ikw{node} {how} (leader ikw{leader})", file=sys.stderr)
-        await cluster(command, str(node))
+        print(f"failover: ikw{node} {how} (grants leader ikw{leader})", file=sys.stderr)
+        await cluster("kill-node" if command == "kill-node" else "stop-node", str(node))
         failure.gone = time.monotonic()
         await asyncio.sleep(self.downtime)
         await cluster("start-node", str(node))
@@ -519,7 +565,14 @@ def failover_rows(o: "Outcome") -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = []
     for number, failure in enumerate(f.failures, 1):
         pause, normal = pause_at(times, failure.at)
-        lead = "the grants leader" if failure.was_leader else "not the grants leader"
+        lead = (
+            "the grants leader"
+            if failure.was_leader
+            else "leads no work queue"
+            if failure.leads_none
+            else "not the grants leader"
+        )
+        goal = 10 if failure.was_leader or not failure.leads_none else 5
         back = f"back {failure.back - failure.at:.1f} s after" if failure.back else "not back"
         rows.append(
             (
@@ -532,14 +585,15 @@ def failover_rows(o: "Outcome") -> list[tuple[str, object]]:
         rows.append(
             (
                 f"  consumption paused {number}",
-                f"{pause:.2f} s (longest gap between sends; the 30 s before: {normal:.2f} s)",
+                f"{pause:.2f} s, goal {goal} s (longest gap between sends; the 30 s before: "
+                f"{normal:.2f} s)",
             )
         )
         rows.append(
             (f"  consumers {number}", consumers_back(o.watch.samples, failure.at, o.args.workers))
         )
-    if f.error or len(f.failures) < 2:
-        rows.append(("failovers incomplete", f.error or f"{len(f.failures)} of 2 made"))
+    if f.error or len(f.failures) < f.planned:
+        rows.append(("failovers incomplete", f.error or f"{len(f.failures)} of {f.planned} made"))
     return rows
 
 
@@ -564,6 +618,12 @@ class Outcome:
     def lost(self) -> list[Grant]:
         return self.tally.unaccounted()
 
+    def never_delivered(self) -> int:
+        """Grants dead-lettered and never delivered: for the guest, a key that never came."""
+        t = self.tally
+        dead = t.dead_count()
+        return sum(1 for g in self.grants if t.sends[g.number] == 0 and dead[g.number])
+
     def duplicate_keys(self) -> int:
         seam = self.sandbox.seam
         return sum(1 for i in seam.identities if len(seam.live_keys(i)) > 1)
@@ -577,7 +637,7 @@ def plan_rows(o: Outcome) -> list[tuple[str, object]]:
     published = sum(g.copies for g in o.grants)
     cuts = f"cut every {o.args.cut_every:g} s" if o.args.cut_every > 0 else "no cuts"
     if o.args.cluster:
-        cuts = "3-node cluster, 2 failovers, no proxy"
+        cuts = "3-node cluster: leader stopped, a node SIGKILLed, rolling restart; no proxy"
     return [
         ("grants (distinct events)", len(o.grants)),
         ("identities", f"{len(guests)} ({sum(1 for n in guests.values() if n > 1)} repeated)"),
@@ -593,9 +653,7 @@ def plan_rows(o: Outcome) -> list[tuple[str, object]]:
 
 def delivery_rows(o: Outcome) -> list[tuple[str, object]]:
     t = o.tally
-    dead_events = t.dead_count()
     delivered = sum(1 for g in o.grants if t.sends[g.number] > 0)
-    only_dead = sum(1 for g in o.grants if t.sends[g.number] == 0 and dead_events[g.number])
     reasons = Counter(d.reason for d in t.dead)
     beyond_event = sum(max(0, t.sends[g.number] - 1) for g in o.grants)
     beyond_copy = sum(max(0, t.sends[g.number] - g.copies) for g in o.grants)
@@ -606,7 +664,6 @@ def delivery_rows(o: Outcome) -> list[tuple[str, object]]:
             f"{delivered} (sms {t.by_channel['sms']}, email {t.by_channel['email']} sends)",
         ),
         ("dead-lettered (messages)", f"{len(t.dead)}: {shown}"),
-        ("dead-lettered, never delivered", only_dead),
         (
             "duplicate sends",
             f"{beyond_event} beyond one per event, {beyond_copy} beyond one per published copy",
@@ -641,6 +698,7 @@ def end_rows(o: Outcome) -> list[tuple[str, object]]:
     connected = sum(samples) / len(samples) / o.args.workers if samples else float("nan")
     return [
         ("lost", f"{len(lost)} ({still} still in a queue at the end, {len(lost) - still} nowhere)"),
+        ("dead-lettered, never delivered", o.never_delivered()),
         ("grant copies left in queues", left or 0),
         ("cuts made", o.cuts),
         ("workers consuming, on average", f"{connected:.0%} of the time"),
@@ -663,8 +721,11 @@ def report(o: Outcome) -> int:
         print(
             f"not accounted for: E{tag(grant.number)} {grant.event_id} ({where})", file=sys.stderr
         )
-    incomplete = o.failovers is not None and (o.failovers.error or len(o.failovers.failures) < 2)
-    return 1 if o.lost() or o.duplicate_keys() or o.hung() or incomplete else 0
+    incomplete = o.failovers is not None and (
+        o.failovers.error or len(o.failovers.failures) < o.failovers.planned
+    )
+    failed = o.lost() or o.never_delivered() or o.duplicate_keys() or o.hung() or incomplete
+    return 1 if failed else 0
 
 
 # ------------------------------------------------------------------------------------ main
@@ -687,8 +748,8 @@ async def soak(args: argparse.Namespace, names: Names, log_dir: Path) -> Outcome
             raise SystemExit("--cluster: AMQP_URL must list bench/cluster's three nodes")
         # Our own connection goes to the last node, which never fails (see Failovers).
         broker_url = ",".join(urls[-1:] + urls[:-1])
-        spared = node_of(broker_port(urls[-1]))
-        failovers = Failovers(names.grants, spared, tuple(args.fail_at), args.deadline)
+        work = tuple(names.work_queues)
+        failovers = Failovers(names.grants, work, tuple(args.fail_at), args.deadline)
     else:
         broker_url = AMQP_URL
     broker, workers = Broker(broker_url, names, quorum_size), Workers(log_dir)
@@ -719,16 +780,18 @@ async def soak(args: argparse.Namespace, names: Names, log_dir: Path) -> Outcome
         await workers.wait_ready(broker.channel, names.grants, timeout=60)
         dead_channel = await broker.connection.channel()
         dead_queue = await dead_channel.get_queue(names.dead)
-        await dead_queue.consume(tally.on_dead_message, no_ack=True)
+        await dead_queue.consume(tally.on_dead_message)
         faults.start(args.seam_503, args.twilio_429)
         published_at = time.monotonic()
-        await broker.publish_grants((g.event_id, g.body()) for g in order)
-        print(f"published {len(order)} in {time.monotonic() - published_at:.1f} s", file=sys.stderr)
+        publishing = asyncio.create_task(publish(broker, order, args.rate))
+        if args.rate <= 0:
+            await publishing
         if failovers is not None:
             failovers.start(lambda: 1 - len(tally.unaccounted()) / len(grants))
         watch = await wait_accounted(tally, sandbox, workers, faults, broker, args.deadline)
-        if failovers is not None and failovers.task is not None and len(failovers.failures) < 2:
-            print("all accounted for before the second failover", file=sys.stderr)
+        await publishing
+        if failovers is not None and len(failovers.failures) < failovers.planned:
+            print("all accounted for before the last failover", file=sys.stderr)
         if failovers is not None:
             await failovers.stop()
         await faults.stop()

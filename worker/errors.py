@@ -32,6 +32,7 @@ REASONS = frozenset(
         "stale_grant",
         "occurred_in_future",
         "unroutable",
+        "crash_loop",
         # RabbitMQ's own
         "delivery_limit",
         "rejected",

@@ -65,6 +65,11 @@ class Metrics:
             ["queue"],
             registry=r,
         )
+        self.reconnects = Counter(
+            "ikw_broker_reconnects",
+            "Connections to RabbitMQ lost, each followed by a reconnect; a channel error is none",
+            registry=r,
+        )
         self.in_flight = Gauge("ikw_in_flight", "Messages being handled now", registry=r)
         self.ready = Gauge("ikw_ready", "1 when consuming, 0 when paused or stopping", registry=r)
         self.credentials = Gauge(

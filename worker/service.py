@@ -19,6 +19,7 @@ from worker.broker.consumer import Consumer
 from worker.broker.decision import Limits, Trust
 from worker.broker.fence import StreamFence
 from worker.broker.publisher import Publisher
+from worker.broker.returns import Returns
 from worker.channels import EmailChannel, SmsChannel
 from worker.channels.templates import TemplateProblem, Templates
 from worker.config import Settings
@@ -130,6 +131,9 @@ class Service:
         self.http: Served | None = None
         self.stopping = asyncio.Event()
         self._guard: asyncio.Task[None] | None = None
+        self._recording: asyncio.Task[None] | None = None
+        self._connected = True
+        self.returns = Returns()
         self._paused_by = ""
         self._channels: list[AbstractChannel] = []
         self.metrics.ready.set_function(lambda: float(self.ready))
@@ -176,15 +180,20 @@ class Service:
         following = await self.connection.channel()
         self._channels = [consuming, publishing, following]
         if self.settings.declare:
+            # On a channel of its own, closed after: a robust channel would declare the whole
+            # topology again at every reopen, and one queue without a leader failed it all.
+            declaring = await self.connection.channel()
             await topology.declare(
-                publishing, self.names, self.settings.revoke_retention, self.settings.quorum_size
+                declaring, self.names, self.settings.revoke_retention, self.settings.quorum_size
             )
+            await declaring.close()
         else:
             await self._expect(self.names.outcomes)
         publisher = Publisher(publishing, self.names, self.settings.broker_user, tracer=self.tracer)
         self.fence = StreamFence(
             self.names, publisher, self.settings.broker_user, self.settings.revoke_retention
         )
+        self.returns.follow(self.fence)
         self.metrics.follow(self.fence)
         await self.fence.start(following)
         flows = Flows(
@@ -210,8 +219,11 @@ class Service:
             trust=Trust(self.settings.broker_user, self.settings.trusted_publishers),
             deadline=self.settings.message_deadline,
             on_credentials_refused=self._credentials_refused,
+            returns=self.returns,
             tracer=self.tracer,
         )
+        consuming.close_callbacks.add(self.consumer.lost)
+        self._recording = asyncio.create_task(self.returns.record(self.fence.append))
         log.info(
             "worker started",
             extra={
@@ -228,10 +240,14 @@ class Service:
     def _connection_lost(self, *_: object) -> None:
         if self.fence is not None:
             self.fence.caught_up.clear()  # revokes may be recorded meanwhile: read them first
-        if not self.stopping.is_set():
+        # aio-pika calls this for every failed attempt too (a node still down): said once a loss.
+        if not self.stopping.is_set() and self._connected:
+            self._connected = False
+            self.metrics.reconnects.inc()
             log.warning("lost the connection to RabbitMQ; reconnecting")
 
     def _reconnected(self, *_: object) -> None:
+        self._connected = True
         # The fence reads on by itself once its channel is back (StreamFence._reopened).
         log.info("reconnected to RabbitMQ")
 
@@ -294,6 +310,12 @@ class Service:
             cancelled = await self.consumer.stop(self.settings.shutdown_grace.total_seconds())
             if cancelled:
                 log.warning("%d messages left unfinished; the broker requeues them", cancelled)
+        if self._recording and self.fence:
+            self._recording.cancel()
+            try:  # the replicas that take them over must not count them as crashes
+                await asyncio.wait_for(self.returns.flush(self.fence.append), CLOSE_TIMEOUT)
+            except (TimeoutError, *BROKER_ERRORS):
+                log.warning("could not record the messages given back")
         if self.connection:
             try:
                 await asyncio.wait_for(self.connection.close(), CLOSE_TIMEOUT)

@@ -471,7 +471,7 @@ async def test_an_unknown_reason_is_one_line_with_the_reasons_there_are(
         [line] = err.splitlines()
         assert line.startswith(
             f"ikw dlq: unknown reason 'bogus'; in {names.dead} now: malformed_json, "
-            "seam_rejected; known reasons: delivery_limit, expired, "
+            "seam_rejected; known reasons: crash_loop, delivery_limit, expired, "
         )
         assert "no_channel_accepted" in line
     assert await depth(amqp, names.dead) == 2

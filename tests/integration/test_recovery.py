@@ -113,6 +113,9 @@ async def test_connection_cut_mid_load_every_grant_is_delivered(
     await waiting
     assert proxy.cuts >= 2
     await wait_for(lambda: service.ready, 15, "the worker to be ready again")
+    # One per lost connection, none per failed attempt while the proxy cut again.
+    reconnects = service.metrics.registry.get_sample_value("ikw_broker_reconnects_total")
+    assert reconnects is not None and 1 <= reconnects <= proxy.cuts
     assert_one_link_per_identity(sandbox, dict.fromkeys(guests, 1))
     assert await drain(amqp, names.dead) == []
     proxy.cut()  # and stopping while the connection is down still ends cleanly

@@ -26,6 +26,7 @@ from worker.broker.decision import (
     Leave,
     Limits,
     Requeue,
+    Reset,
     Retry,
     Settled,
     Trust,
@@ -38,6 +39,14 @@ from worker.broker.decision import (
 )
 from worker.broker.headers import Bookkeeping
 from worker.broker.publisher import Publisher, announce_to
+from worker.broker.returns import (
+    LOSS_WINDOW,
+    SLACK,
+    Returns,
+    delivery_count,
+    key,
+    redelivered,
+)
 from worker.errors import CredentialsRefused, Permanent, Transient
 from worker.events import (
     ANNOUNCEMENTS,
@@ -74,6 +83,7 @@ class Consumer:
         trust: Trust,
         deadline: timedelta,
         on_credentials_refused: Callable[[CredentialsRefused], None],
+        returns: Returns | None = None,
         tracer: Tracer | None = None,
     ) -> None:
         self.channel = channel
@@ -85,6 +95,7 @@ class Consumer:
         self.trust = trust
         self.deadline = deadline
         self.on_credentials_refused = on_credentials_refused
+        self.returns = returns or Returns()
         self.tracer = tracer or tracing.tracer()
         # Queue -> the message type it takes; None for the main exchange's unroutable events.
         self._takes: dict[str, str | None] = {**names.takes, names.unroutable: None}
@@ -95,10 +106,16 @@ class Consumer:
         self._queues: dict[str, AbstractQueue] = {}
         self._tags: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._holding: dict[AbstractIncomingMessage, str] = {}  # unsettled message -> its queue
 
     @property
     def consuming(self) -> bool:
         return bool(self._tags)
+
+    @property
+    def holding(self) -> int:
+        """Messages in hand, unsettled, on a channel still open."""
+        return sum(1 for message in self._holding if _held(message))
 
     async def resume(self) -> None:
         for name in self._takes:
@@ -131,10 +148,19 @@ class Consumer:
         if not self._tasks:
             return 0
         _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        self._note(list(self._holding), loss=True)  # what we leave goes back at the close
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         return len(pending)
+
+    def lost(self, *_: object) -> None:
+        """The consuming channel closed (its close callback): the broker takes back what it
+        held, and what was on its way to it."""
+        self._note([m for m in self._holding if not _held(m)], loss=True)
+
+    def _note(self, gone: list[AbstractIncomingMessage], loss: bool = False) -> None:
+        self.returns.note((key(self._holding.pop(m), m.body) for m in gone), loss)
 
     async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
         # aio-pika runs each delivery's callback in a task of its own: the message is handled in
@@ -169,6 +195,7 @@ class Consumer:
     async def _handle(self, queue: str, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
         self.metrics.in_flight.inc()
+        self._holding[message] = queue
         # x-ikw-* headers are ours: from anyone but the worker's own user they are not read.
         own = message.user_id == self.trust.worker
         book = headers.read(message.headers) if own else Bookkeeping()
@@ -186,13 +213,15 @@ class Consumer:
         error: Exception | None = None
         decided: Decision | None = None
         parsed: list[Event] = []
+        early = self._redelivered(queue, message, book, ctx)
         try:
             try:
-                outcome = await self._work(queue, message, producer, received_at, ctx, parsed)
+                if early is None:
+                    outcome = await self._work(queue, message, producer, received_at, ctx, parsed)
             except Exception as exc:
                 error = exc
             try:
-                decided = decide(
+                decided = early or decide(
                     error,
                     held=_held(message),
                     attempt=book.attempt,
@@ -219,11 +248,30 @@ class Consumer:
             ctx["ms"] = round((time.monotonic() - started) * 1000, 1)
             log.info("message %s", settled, extra={"ctx": ctx})
         finally:
+            # Not settled, and its channel gone (aio-pika cancels the handler with it).
+            if self._holding.get(message) and not _held(message):
+                self._note([m for m in self._holding if not _held(m)])
+            self._holding.pop(message, None)
             self.metrics.in_flight.dec()
             self.metrics.seconds.labels(queue).observe(time.monotonic() - started)
             # The error's traceback holds this frame, which holds the error: a cycle that would
             # keep the message (its body: up to the broker's max_message_size) until a full GC.
             error = None
+
+    def _redelivered(
+        self, queue: str, message: AbstractIncomingMessage, book: Bookkeeping, ctx: dict[str, Any]
+    ) -> Reset | DeadLetter | None:
+        """A crash loop, or a copy afresh before the broker's delivery limit (see returns)."""
+        count = delivery_count(message.headers)
+        if not count and not book.suspect:
+            return None
+        returned = self.returns.returns(key(queue, message.body))
+        since = book.copied_at - SLACK if book.copied_at else datetime.now(UTC) - LOSS_WINDOW
+        losses = self.returns.losses_since(since)
+        ctx.update(
+            delivery_count=count, returned=returned, deliveries=book.deliveries, losses=losses
+        )
+        return redelivered(count, book.deliveries, book.excused, returned, losses, book.suspect)
 
     async def _work(
         self,
@@ -294,6 +342,16 @@ class Consumer:
             routing_key=book.routing_key or message.routing_key or "",
             publisher=producer or "",
         )
+        if isinstance(decided, Reset):
+            copy = replace(
+                book,
+                deliveries=decided.deliveries,
+                excused=decided.excused,
+                copied_at=datetime.now(UTC),
+                suspect=decided.delay > 0,
+            )
+            delay = decided.delay or None
+            return await self._republish(queue, message, copy, Settled.REQUEUED, delay)
         if isinstance(decided, Requeue):
             settled = await self._republish(queue, message, book, Settled.REQUEUED)
             assert isinstance(error, CredentialsRefused)
@@ -307,8 +365,9 @@ class Consumer:
                 attempt=decided.attempt,
                 first_failed_at=decided.first_failed_at,
                 last_error=decided.error,
+                suspect=False,
             )
-            return await self._republish(queue, message, retry, Settled.RETRIED, decided)
+            return await self._republish(queue, message, retry, Settled.RETRIED, decided.delay)
         assert isinstance(decided, DeadLetter)
         now = datetime.now(UTC)
         # A body over the limit is kept only in part: its headers and first bytes say what it was.
@@ -340,7 +399,7 @@ class Consumer:
         message: AbstractIncomingMessage,
         book: Bookkeeping,
         done: Settled,
-        retry: Retry | None = None,
+        delay: float | None = None,
         body: bytes | None = None,
     ) -> Settled:
         """A copy with ``book``'s headers (and ``body``, else the original's), confirmed, then the
@@ -351,13 +410,15 @@ class Consumer:
             "content_type": message.content_type,
             # Kept, so the copy (a retry, a dead letter, its replay) reads as the original did.
             "content_encoding": message.content_encoding,
+            # Tried again only while the original is ours: after, the broker redelivers it.
+            "still": partial(_held, message),
         }
         try:
             await self.publisher.ready()
             if not _held(message):
                 return Settled.ABANDONED  # taken back while we waited: a copy would double it
-            if retry is not None:
-                await self.publisher.delayed(target, message.body, retry.delay, **properties)
+            if delay is not None:
+                await self.publisher.delayed(target, message.body, delay, **properties)
             else:
                 await self.publisher.to_queue(
                     target, message.body if body is None else body, **properties
@@ -378,6 +439,7 @@ class Consumer:
             # The channel closed under us: the broker redelivers the message and it is redone.
             log.warning("ack lost with the channel; the message will be redone")
             return Settled.REDELIVERED
+        self._holding.pop(message, None)
         return Settled.ACKED
 
     async def _give_back(self, message: AbstractIncomingMessage, exc: Exception | None) -> Settled:
@@ -398,6 +460,9 @@ class Consumer:
             await message.nack(requeue=True)
         except BROKER_ERRORS:
             pass  # the channel is gone: the broker has it back already
+        queue = self._holding.pop(message, None)
+        if queue is not None and exc is None:  # the broker failed us: not the message's doing
+            self.returns.note([key(queue, message.body)])
         return Settled.RETURNED if exc is not None else Settled.REDELIVERED
 
     async def _announce_failure(self, parsed: list[Event], dead: DeadLetter) -> None:

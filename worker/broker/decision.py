@@ -47,6 +47,16 @@ class Requeue:
 
 
 @dataclass(frozen=True)
+class Reset:
+    """A fresh copy to its queue, so returns by lost channels never walk the message to the
+    broker's delivery limit; what the copy carries (see ``returns.redelivered``)."""
+
+    deliveries: int
+    excused: int = 0  # deliveries explained by recorded losses so far
+    delay: float = 0.0  # through the delay queues, to wait for late returns: a suspect
+
+
+@dataclass(frozen=True)
 class Retry:
     delay: float
     attempt: int  # the attempt number the retried message will carry
@@ -60,7 +70,7 @@ class DeadLetter:
     error: str
 
 
-Decision = Ack | Leave | Requeue | Retry | DeadLetter
+Decision = Ack | Leave | Requeue | Reset | Retry | DeadLetter
 
 
 @dataclass(frozen=True)

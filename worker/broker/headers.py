@@ -20,6 +20,10 @@ SOURCE_QUEUE = "x-ikw-source-queue"
 DEAD_LETTERED_AT = "x-ikw-dead-lettered-at"
 RECEIVED_AT = "x-ikw-received-at"
 TRUNCATED = "x-ikw-truncated"
+DELIVERIES = "x-ikw-deliveries"
+SUSPECT = "x-ikw-suspect"
+EXCUSED = "x-ikw-excused"
+COPIED_AT = "x-ikw-copied-at"
 
 MAX_ATTEMPT = 100_000
 # Headers the broker adds when dead-lettering: a copy that keeps them would be seen as a
@@ -48,6 +52,12 @@ class Bookkeeping:
     received_at: datetime | None = None
     # A dead letter cut to its first bytes (too_large): the original size. Never replayed.
     truncated: int | None = None
+    # Deliveries of the copies before this one (x-delivery-count), kept across resets and retries.
+    deliveries: int = 0
+    excused: int = 0  # of those, how many recorded losses of channels explained
+    copied_at: datetime | None = None
+    # Sent through the delay queues to wait for late returns before a crash_loop verdict.
+    suspect: bool = False
 
 
 def read(headers: Mapping[str, Any] | None) -> Bookkeeping:
@@ -66,6 +76,10 @@ def read(headers: Mapping[str, Any] | None) -> Bookkeeping:
         dead_lettered_at=moment(h.get(DEAD_LETTERED_AT)),
         received_at=moment(h.get(RECEIVED_AT)),
         truncated=_size(h.get(TRUNCATED)),
+        deliveries=_count(h.get(DELIVERIES)) or 0,
+        suspect=_count(h.get(SUSPECT)) == 1,
+        excused=_count(h.get(EXCUSED)) or 0,
+        copied_at=moment(h.get(COPIED_AT)),
     )
 
 
@@ -93,6 +107,10 @@ def write(book: Bookkeeping) -> dict[str, Any]:
         DEAD_LETTERED_AT: book.dead_lettered_at.isoformat() if book.dead_lettered_at else None,
         RECEIVED_AT: book.received_at.isoformat() if book.received_at else None,
         TRUNCATED: book.truncated,
+        DELIVERIES: book.deliveries or None,
+        SUSPECT: 1 if book.suspect else None,
+        EXCUSED: book.excused or None,
+        COPIED_AT: book.copied_at.isoformat() if book.copied_at else None,
     }
     return {key: value for key, value in fields.items() if value is not None}
 

@@ -4,12 +4,14 @@ import asyncio
 import logging
 import math
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustChannel, HeadersType
+from aio_pika.exceptions import ChannelClosed, ChannelInvalidStateError, DeliveryError, PublishError
 from opentelemetry.trace import SpanKind, Tracer
 
 from worker import tracing
@@ -24,6 +26,11 @@ MAX_DELAY: int = 2**LEVELS - 1  # seconds, about 8.5 years
 CONFIRM_TIMEOUT = 15.0  # seconds to wait for the broker's confirm before calling it failed
 # After a reconnect the channels come back one by one: a publish waits this long for its own.
 RESTORE_TIMEOUT = 10.0
+# A publish that failed with its channel (closed by the broker, e.g. NOT_FOUND while a queue's
+# leader moves; closed under us; a nack; no confirm in time) is tried again on a fresh channel,
+# this often in all. The connection and the consumers stay: a channel error is not a lost node.
+PUBLISH_ATTEMPTS = 3
+CHANNEL_FAILURES = (ChannelClosed, ChannelInvalidStateError, DeliveryError, TimeoutError)
 
 # The trusted producer of the message being handled (None: none), set once per message by the
 # consumer: its outcome events go to it alone, and the expiry timers set meanwhile carry it.
@@ -62,6 +69,7 @@ class Publisher:
         self.user_id = user_id
         self.tracer = tracer or tracing.tracer()
         self._exchanges: dict[str, AbstractExchange] = {}
+        self._renewing = asyncio.Lock()
 
     async def ready(self) -> None:
         """Until the publishing channel is open: right after a reconnect the consuming channel
@@ -87,10 +95,13 @@ class Publisher:
         message_id: str | None = None,
         content_type: str | None = "application/json",
         content_encoding: str | None = None,
+        still: Callable[[], bool] | None = None,
     ) -> None:
-        """Raises when the broker nacks or returns (unroutable) the message. A PRODUCER span
-        whose context goes in the ``traceparent`` header: a child of the current span, else of
-        the trace the headers already carry (a replay), else a new trace."""
+        """Raises when the broker nacks or returns (unroutable) the message. ``still``: whether
+        the publish is still wanted (a copy of a message the broker has not taken back), asked
+        before each try. A PRODUCER span whose context goes in the ``traceparent`` header: a
+        child of the current span, else of the trace the headers already carry (a replay), else
+        a new trace."""
         headers = dict(headers or {})
         parent = None if tracing.has_trace() else tracing.extract(headers)
         attributes = (
@@ -117,9 +128,40 @@ class Publisher:
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 user_id=self.user_id,
             )
-            await self.ready()
+            await self._send(exchange, routing_key, message, still or (lambda: True))
+
+    async def _send(
+        self, exchange: str, routing_key: str, message: aio_pika.Message, still: Callable[[], bool]
+    ) -> None:
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            await self.ready()  # raises when the connection stays away: no retry then
+            if not still():
+                raise ChannelInvalidStateError("no longer wanted: the original went back")
             target = await self._exchange(exchange)
-            await target.publish(message, routing_key, mandatory=True, timeout=CONFIRM_TIMEOUT)
+            underlay = await self.channel.get_underlay_channel()
+            try:
+                await target.publish(message, routing_key, mandatory=True, timeout=CONFIRM_TIMEOUT)
+                return
+            except PublishError:
+                raise  # returned: unroutable, which another try will not change
+            except CHANNEL_FAILURES as exc:
+                if attempt == PUBLISH_ATTEMPTS:
+                    raise
+                log.info(
+                    "a publish failed with its channel (%s); trying again on a fresh one",
+                    type(exc).__name__,
+                )
+                if isinstance(exc, TimeoutError):
+                    await self._renew(underlay)
+                await asyncio.sleep(0.25 * attempt)
+
+    async def _renew(self, stuck: object) -> None:
+        """Close and reopen a channel that gave no confirm in time (one the broker closed
+        reopens by itself: a robust channel), unless another publish renewed it meanwhile."""
+        async with self._renewing:
+            if not self.channel.is_closed and await self.channel.get_underlay_channel() is stuck:
+                await self.channel.close()
+                await self.channel.reopen()
 
     async def publish_event(self, routing_key: str, body: bytes, message_id: str) -> None:
         await self.publish(self.names.exchange, routing_key, body, message_id=message_id)
