@@ -7,7 +7,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import uuid
 from importlib import metadata
 from pathlib import Path
@@ -16,7 +15,7 @@ import aio_pika
 import aiormq
 import pytest
 
-from tests.integration.conftest import AMQP_URL
+from tests.helpers import AMQP_URL, IKW, Connection
 from worker import config
 from worker.broker.connect import connect
 from worker.broker.topology import Names
@@ -24,8 +23,6 @@ from worker.logs import quiet_reconnects
 from worker.sandbox import wait_for
 from worker.sandbox.proxy import Proxy
 
-Connection = aio_pika.abc.AbstractRobustConnection
-IKW = [sys.executable, "-m", "worker.cli"]
 PACKAGE = "instant-key-worker"
 
 

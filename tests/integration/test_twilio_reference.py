@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from tests import reference as reference_file
+from tests.helpers import Json
 from worker.channels.sms import SmsChannel
 from worker.ports import KeyMessage
 from worker.sandbox.twilio import TwilioSandbox
@@ -17,7 +18,6 @@ from worker.sandbox.twilio import TwilioSandbox
 MESSAGES = "/2010-04-01/Accounts/{AccountSid}/Messages.json"
 SERVICE = "MG" + "ab" * 16
 
-Json = dict[str, Any]
 TYPES: dict[str, type | tuple[type, ...]] = {
     "string": str,
     "integer": int,
