@@ -47,24 +47,30 @@ def clean_name(raw: str | None) -> str | None:
     words = name.split(" ")
     if len(words) > MAX_WORDS or not all(any(c.isalpha() for c in word) for word in words):
         return None
-    if _DOMAIN.search(name):
+    if _DOMAIN.search(name) or not _reads_as_a_name(name):
         return None
+    return name
+
+
+def _reads_as_a_name(name: str) -> bool:
+    """Only letters, marks (``MAX_MARKS`` in a row at most), spaces and name punctuation, no
+    two punctuation characters in a row, no look-alike of a link's punctuation."""
     marks = 0
     previous_punctuation = False
     for char in name:
         category = unicodedata.category(char)
         if char in _LOOKALIKES:
-            return None
+            return False
         marks = marks + 1 if category[0] == "M" else 0
         if marks > MAX_MARKS:
-            return None
+            return False
         punctuation = char in NAME_PUNCTUATION
         if punctuation and previous_punctuation:
-            return None
+            return False
         previous_punctuation = punctuation
         if not (category[0] in "LM" or char == " " or punctuation):
-            return None
-    return name
+            return False
+    return True
 
 
 def _visible(text: str) -> str:

@@ -20,8 +20,9 @@ from worker.broker.decision import Limits, Trust
 from worker.broker.fence import StreamFence
 from worker.broker.publisher import Publisher
 from worker.broker.returns import Returns
-from worker.channels import EmailChannel, SmsChannel
-from worker.channels.templates import TemplateProblem, Templates
+from worker.channels import CHANNELS
+from worker.channels.templates import Templates
+from worker.channels.wiring import Needs
 from worker.config import Settings
 from worker.errors import CredentialsRefused
 from worker.flows import Flows
@@ -62,50 +63,25 @@ class StartError(Exception):
 
 
 def load_templates(settings: Settings) -> Templates:
-    """The guest's words as the settings name them; StartError, a line per problem, if unusable."""
-    try:
-        return Templates(
-            settings.templates_dir,
-            time_zone=settings.time_zone,
-            property_name=settings.property_name,
-        )
-    except TemplateProblem as exc:
-        raise StartError("\n".join(f"IKW_TEMPLATES_DIR: {p}" for p in exc.problems)) from None
-    except ValueError as exc:
-        raise StartError(f"IKW_TIME_ZONE: {exc}") from None
-    except OSError as exc:
-        raise StartError(f"IKW_TEMPLATES_DIR: cannot read it: {exc.strerror}") from None
+    """The guest's words as the settings name them (compiled once, by ``config.load``);
+    StartError, a line per problem, if unusable."""
+    if settings.templates is not None:
+        return settings.templates
+    problems: list[str] = []
+    settings.compile(problems)
+    if settings.templates is None:
+        raise StartError("\n".join(problems))
+    return settings.templates
 
 
 def build_channels(settings: Settings, tracer: Tracer | None = None) -> dict[str, Channel]:
-    channels: dict[str, Channel] = {}
-    templates = load_templates(settings)
-    if settings.sms:
-        s = settings.sms
-        channels["sms"] = SmsChannel(
-            s.account_sid,
-            s.auth_token,
-            from_=s.from_,
-            messaging_service_sid=s.messaging_service_sid,
-            api_url=s.api_url,
-            connections=settings.prefetch,
-            templates=templates,
-            tracer=tracer,
-        )
-    if settings.email:
-        e = settings.email
-        channels["email"] = EmailChannel(
-            e.host,
-            e.port,
-            sender=e.sender,
-            username=e.username,
-            password=e.password,
-            tls=e.tls,
-            cert_bundle=e.ca_file,
-            templates=templates,
-            tracer=tracer,
-        )
-    return channels
+    """The configured channels, each built by its own wiring (worker/channels)."""
+    needs = Needs(load_templates(settings), settings.prefetch, tracer)
+    return {
+        wiring.name: wiring.build(settings.channels[wiring.name], needs)
+        for wiring in CHANNELS
+        if wiring.name in settings.channels
+    }
 
 
 class Service:

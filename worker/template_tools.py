@@ -144,13 +144,14 @@ def preview(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"ikw: --time-zone {args.time_zone!r}: {exc}", file=sys.stderr)
             return USAGE
-    directory = args.dir or settings.templates_dir
-    if directory is not None and not directory.is_dir():
-        print(f"ikw: {directory} is not a directory", file=sys.stderr)
+    if args.dir is not None and not args.dir.is_dir():
+        print(f"ikw: {args.dir} is not a directory", file=sys.stderr)
         return USAGE
     try:
-        templates = Templates(
-            directory, time_zone=settings.time_zone, property_name=settings.property_name
+        templates = (  # compiled by guest_settings(), unless --dir names others
+            Templates(args.dir, time_zone=settings.time_zone, property_name=settings.property_name)
+            if args.dir is not None or settings.templates is None
+            else settings.templates
         )
     except TemplateProblem as exc:
         for problem in exc.problems:

@@ -34,7 +34,7 @@ from opentelemetry.trace import (
     TracerProvider,
 )
 
-from worker.config import ConfigError
+from worker.variables import ConfigError
 
 NAME = "instant-key-worker"
 EXPORTER_GROUP = "opentelemetry_traces_exporter"  # the SDK's entry points for exporters

@@ -1,9 +1,6 @@
 """Real RabbitMQ (AMQP_URL, default 127.0.0.1:5672), real sockets to the shipped stand-ins."""
 
-import asyncio
 import logging
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -13,18 +10,16 @@ import aio_pika
 import pytest
 
 from tests.builders import body
+from tests.helpers import AMQP_URL, BROKER_USER, WorkerProcess
 from worker import config
 from worker.broker import topology
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.logs import JsonFormatter
-from worker.sandbox import changed, wait_for
+from worker.sandbox import changed
 from worker.sandbox.all import Sandbox
 from worker.sandbox.twilio import TwilioSandbox
 from worker.service import Service
-
-AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-BROKER_USER = config.Settings(amqp_url=AMQP_URL).broker_user
 
 
 class Lines(logging.Handler):
@@ -135,64 +130,6 @@ async def start_worker(
     for service in started:
         if not service.stopping.is_set():
             await service.stop()
-
-
-async def drain(
-    connection: aio_pika.abc.AbstractRobustConnection, queue: str
-) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Every message now in ``queue``, acked."""
-    channel = await connection.channel()
-    q = await channel.get_queue(queue)
-    messages = []
-    while (message := await q.get(fail=False)) is not None:
-        await message.ack()
-        messages.append(message)
-    await channel.close()
-    return messages
-
-
-async def dead_letters(amqp: Any, names: Names, count: int, within: float = 20) -> list[Any]:
-    """Wait until ``count`` dead letters arrived; return them (taken off the dead queue)."""
-    found: list[Any] = []
-
-    async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        await message.ack()
-        found.append(message)
-        changed()
-
-    channel = await amqp.channel()
-    queue = await channel.get_queue(names.dead)
-    await queue.consume(take)
-    try:
-        await wait_for(lambda: len(found) >= count, within, f"{count} dead letters")
-    finally:
-        await channel.close()
-    return found
-
-
-class WorkerProcess:
-    """`ikw run` in its own process, logging to a file."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
-        self.log = log
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> "WorkerProcess":
-        with self.log.open("ab") as out:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "worker.cli", "run", env=os.environ | self.env, stderr=out
-            )
-        await wait_for(lambda: '"consuming"' in self.log.read_text(), 30, "the worker to consume")
-        return self
-
-    def signal(self, sig: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-
-    async def exit_code(self, within: float = 30) -> int:
-        assert self.process is not None
-        return await asyncio.wait_for(self.process.wait(), within)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import uuid
 from importlib import metadata
 from pathlib import Path
@@ -16,7 +15,7 @@ import aio_pika
 import aiormq
 import pytest
 
-from tests.integration.conftest import AMQP_URL
+from tests.helpers import AMQP_URL, IKW, Connection
 from worker import config
 from worker.broker.connect import connect
 from worker.broker.topology import Names
@@ -24,8 +23,6 @@ from worker.logs import quiet_reconnects
 from worker.sandbox import wait_for
 from worker.sandbox.proxy import Proxy
 
-Connection = aio_pika.abc.AbstractRobustConnection
-IKW = [sys.executable, "-m", "worker.cli"]
 PACKAGE = "instant-key-worker"
 
 
@@ -107,7 +104,8 @@ def test_help_of_each_command_says_what_it_does(command: str) -> None:
 
 
 def test_run_help_lists_every_variable_the_configuration_reads() -> None:
-    source = Path(config.__file__).read_text()
+    modules = [Path(config.__file__), *Path(config.__file__).parent.glob("channels/*_wiring.py")]
+    source = "".join(module.read_text() for module in modules)
     read = set(re.findall(r'"((?:AMQP|IKW|SEAM|TWILIO|SMTP|EMAIL)_[A-Z_]+)"', source))
     read -= {"SEAM_API_KEY_FILE"}  # a hint in a message; every secret's _FILE is one line
     help_text = ikw("run", "--help").stdout

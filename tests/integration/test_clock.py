@@ -1,22 +1,14 @@
 """Producers' clocks: an event dated ahead of its first receipt is refused, and a retry is judged
 by when the worker first received it, not by when it came back."""
 
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
-import aio_pika
-
 from tests.builders import grant, revoke
-from tests.integration.conftest import dead_letters
+from tests.helpers import Connection, Publish, StartWorker, dead_letters
 from worker.broker import headers
 from worker.broker.topology import Names
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
-from worker.service import Service
-
-StartWorker = Callable[..., Awaitable[Service]]
-Publish = Callable[..., Awaitable[None]]
-Connection = aio_pika.abc.AbstractRobustConnection
 
 
 async def test_an_event_from_ten_years_ahead_is_refused_before_seam(

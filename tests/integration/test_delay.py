@@ -6,7 +6,7 @@ import time
 
 import aio_pika
 
-from tests.integration.conftest import BROKER_USER
+from tests.helpers import BROKER_USER
 from worker.broker.publisher import Publisher, entry_level
 from worker.broker.topology import Names
 

@@ -17,7 +17,7 @@ import pamqp.header
 import pytest
 
 from tests.builders import body, grant
-from tests.integration.conftest import AMQP_URL
+from tests.helpers import AMQP_URL, Connection, Publish, StartWorker, dead_lettered
 from worker import dlq
 from worker.cli import main
 from worker.queues import DELIVERY_LIMIT, Names
@@ -25,10 +25,7 @@ from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
 from worker.service import Service
 
-Publish = Callable[..., Awaitable[None]]
-StartWorker = Callable[..., Awaitable[Service]]
 Ikw = Callable[..., Awaitable[tuple[int, str, str]]]
-Connection = aio_pika.abc.AbstractRobustConnection
 
 
 @pytest.fixture
@@ -68,8 +65,15 @@ async def depth(amqp: Connection, queue: str) -> int:
     return declared.declaration_result.message_count or 0
 
 
+async def dead_lettered_by(worker: Service, count: int) -> None:
+    """Wait until ``worker`` has dead-lettered ``count`` messages, each confirmed in the dead
+    queue before it counts it; its log line wakes the wait."""
+    await wait_for(lambda: dead_lettered(worker) == count, 15, f"{count} dead letters")
+
+
 async def holds(amqp: Connection, queue: str, count: int, timeout: float = 15) -> None:
-    """Wait until ``queue`` holds exactly ``count`` ready messages."""
+    """Wait until ``queue`` holds exactly ``count`` ready messages: only where nothing signals
+    (the broker's own dead-lettering, a replay by another process)."""
     deadline = time.monotonic() + timeout
     while (now := await depth(amqp, queue)) != count:
         if time.monotonic() > deadline:
@@ -99,15 +103,15 @@ async def test_list_counts_by_reason_then_one_line_each_newest_first(
     ikw: Ikw,
 ) -> None:
     sandbox.seam.fail_next(400, path="/user_identities/get")
-    await start_worker()
+    worker = await start_worker()
     await publish(b"{not json", "access.granted")
-    await holds(amqp, names.dead, 1)
+    await dead_lettered_by(worker, 1)
     await publish(grant(phone="12345"), message_id="evt-bad-phone")
-    await holds(amqp, names.dead, 2)
+    await dead_lettered_by(worker, 2)
     await publish(grant(), message_id="evt-seam-400")
-    await holds(amqp, names.dead, 3)
+    await dead_lettered_by(worker, 3)
     await publish(b"{not json either", "access.granted")
-    await holds(amqp, names.dead, 4)
+    await dead_lettered_by(worker, 4)
 
     code, out, _ = await ikw("list")
 
@@ -143,10 +147,10 @@ async def test_list_counts_by_reason_then_one_line_each_newest_first(
 async def test_listing_sorts_by_dead_lettered_at_not_by_queue_order(
     start_worker: StartWorker, publish: Publish, amqp: Connection, names: Names, ikw: Ikw
 ) -> None:
-    await start_worker(IKW_PREFETCH="1")  # one at a time: dead-lettered in publish order
+    worker = await start_worker(IKW_PREFETCH="1")  # one at a time: dead-lettered in publish order
     for n in range(150):
         await publish(b"{broken %d" % n, "access.granted", message_id=f"bad-{n:03d}")
-    await holds(amqp, names.dead, 150)
+    await dead_lettered_by(worker, 150)
     newest_first = [f"bad-{n:03d}" for n in reversed(range(150))]
 
     # Each read hands the messages back in a new order; the listing must not show it.
@@ -160,13 +164,13 @@ async def test_listing_sorts_by_dead_lettered_at_not_by_queue_order(
 async def test_show_prints_reason_headers_and_the_body(
     start_worker: StartWorker, publish: Publish, amqp: Connection, names: Names, ikw: Ikw
 ) -> None:
-    await start_worker()
+    worker = await start_worker()
     event = grant(phone="12345")
     await publish(event, message_id="evt-phone")
     await publish(event, message_id="evt-phone")  # a producer that published twice
-    await holds(amqp, names.dead, 2)
+    await dead_lettered_by(worker, 2)
     await publish(b"{not json", "access.granted")
-    await holds(amqp, names.dead, 3)
+    await dead_lettered_by(worker, 3)
     [malformed_id] = [row[0] for row in rows((await ikw("list"))[1]) if row[0] != "evt-phone"]
 
     code, out, _ = await ikw("show", "evt-phone")
@@ -215,10 +219,10 @@ async def test_replay_of_a_fixed_failure_delivers_the_sms_and_empties_the_dead_q
     ikw: Ikw,
 ) -> None:
     sandbox.seam.fail_next(400, path="/user_identities/get")  # once; healthy afterwards
-    await start_worker()
+    worker = await start_worker()
     event = grant("guest-replayed")
     await publish(event, message_id=event["event_id"])
-    await holds(amqp, names.dead, 1)
+    await dead_lettered_by(worker, 1)
     assert sandbox.twilio.outbox == []
 
     code, out, _ = await ikw("replay", event["event_id"], "--yes")
@@ -241,12 +245,12 @@ async def test_replay_by_reason_leaves_the_others(
     ikw: Ikw,
 ) -> None:
     sandbox.seam.fail_next(400, path="/user_identities/get")
-    await start_worker()
+    worker = await start_worker()
     await publish(grant())
-    await holds(amqp, names.dead, 1)
+    await dead_lettered_by(worker, 1)
     await publish(b"{not json", "access.granted")
     await publish(b"[]", "access.granted")
-    await holds(amqp, names.dead, 3)
+    await dead_lettered_by(worker, 3)
 
     code, out, _ = await ikw("replay", "--reason", "seam_rejected", "--yes")
 
@@ -305,7 +309,7 @@ async def test_replay_of_many_prints_progress_and_a_summary(
     worker = await start_worker()
     for n in range(250):
         await publish(b"{broken %d" % n, "access.granted")
-    await holds(amqp, names.dead, 250)
+    await dead_lettered_by(worker, 250)
     await worker.stop()  # so the replayed messages wait in the work queue to be counted
 
     code, out, _ = await ikw("replay", "--all", "--yes")
@@ -349,7 +353,7 @@ async def test_replay_to_a_deleted_work_queue_fails_and_keeps_every_copy(
     event = grant(phone="12345")
     for _ in range(3):  # copies share a message_id, the one key a return is matched by
         await publish(event, message_id="evt-twin")
-    await holds(amqp, names.dead, 3)
+    await dead_lettered_by(worker, 3)
     await worker.stop()
     channel = await amqp.channel()
     await channel.queue_delete(names.grants)
@@ -368,10 +372,10 @@ async def test_replay_to_a_deleted_work_queue_fails_and_keeps_every_copy(
 async def test_purge_yes_empties_the_dead_queue(
     start_worker: StartWorker, publish: Publish, amqp: Connection, names: Names, ikw: Ikw
 ) -> None:
-    await start_worker()
+    worker = await start_worker()
     for raw in (b"{not json", b"[]", b"null"):
         await publish(raw, "access.granted")
-    await holds(amqp, names.dead, 3)
+    await dead_lettered_by(worker, 3)
 
     code, out, _ = await ikw("purge", "--yes")
 
@@ -382,10 +386,10 @@ async def test_purge_yes_empties_the_dead_queue(
 async def test_purge_without_yes_and_without_a_terminal_refuses_and_keeps_them(
     start_worker: StartWorker, publish: Publish, amqp: Connection, names: Names
 ) -> None:
-    await start_worker()
+    worker = await start_worker()
     await publish(b"{not json", "access.granted")
     await publish(grant(phone="12345"))
-    await holds(amqp, names.dead, 2)
+    await dead_lettered_by(worker, 2)
 
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "ikw"),
@@ -413,11 +417,11 @@ async def test_purge_asks_and_removes_only_what_the_operator_confirmed(
     ikw: Ikw,
     terminal: Callable[[str], None],
 ) -> None:
-    await start_worker()
+    worker = await start_worker()
     await publish(b"{not json", "access.granted")
     await publish(b"[]", "access.granted")
     await publish(grant(phone="12345"))
-    await holds(amqp, names.dead, 3)
+    await dead_lettered_by(worker, 3)
 
     terminal("no\n")
     code, out, _ = await ikw("purge", "--reason", "malformed_json")
@@ -535,10 +539,10 @@ async def test_show_masks_contacts_unless_revealed(
 async def test_a_body_over_the_limit_is_kept_cut_and_never_replayed(
     start_worker: StartWorker, publish: Publish, amqp: Connection, names: Names, ikw: Ikw
 ) -> None:
-    await start_worker()
+    worker = await start_worker()
     raw = body(grant() | {"pad": "x" * 1_000_000})
     await publish(raw, "access.granted", message_id="evt-huge")
-    await holds(amqp, names.dead, 1)
+    await dead_lettered_by(worker, 1)
 
     code, out, _ = await ikw("show", "evt-huge")
     assert code == 0

@@ -15,7 +15,7 @@ from typing import Literal
 import pytest
 
 from worker import config
-from worker.channels import EmailChannel
+from worker.channels.email import EmailChannel
 from worker.errors import ChannelRefused, CredentialsRefused, Transient
 from worker.ports import KeyMessage
 from worker.sandbox.smtp import SmtpSandbox

@@ -8,7 +8,6 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,8 +15,16 @@ import aio_pika
 import pytest
 
 from tests.builders import body, grant, revoke
-from tests.integration.conftest import AMQP_URL, BROKER_USER, dead_letters, drain
-from tests.integration.test_failures import settled
+from tests.helpers import (
+    AMQP_URL,
+    BROKER_USER,
+    Connection,
+    Publish,
+    StartWorker,
+    dead_letters,
+    drain,
+    settled,
+)
 from worker.broker.topology import Names
 from worker.cli import main
 from worker.sandbox import wait_for
@@ -25,10 +32,6 @@ from worker.sandbox.all import Sandbox
 from worker.sandbox.proxy import Proxy
 from worker.sandbox.seam import WORKSPACE_ID, timestamp
 from worker.service import Service
-
-Publish = Callable[..., Awaitable[None]]
-StartWorker = Callable[..., Awaitable[Service]]
-Connection = aio_pika.abc.AbstractRobustConnection
 
 LINK = re.compile(r"https://\S+")
 

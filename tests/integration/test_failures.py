@@ -3,29 +3,17 @@ reason; each is made to happen for real against the broker and the stand-ins."""
 
 import json
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.builders import body, grant, revoke
-from tests.integration.conftest import dead_letters, drain
+from tests.helpers import Publish, StartWorker, dead_letters, drain, settled
 from worker.broker.topology import Names
 from worker.events import MAX_BODY_BYTES
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
-from worker.service import Service
-
-Publish = Callable[..., Awaitable[None]]
-StartWorker = Callable[..., Awaitable[Service]]
-
-
-def settled(service: Service, queue: str, outcome: str) -> float:
-    value = service.metrics.registry.get_sample_value(
-        "ikw_messages_total", {"queue": queue, "outcome": outcome}
-    )
-    return value or 0.0
 
 
 async def test_seam_503_then_200_is_delivered_after_a_retry(

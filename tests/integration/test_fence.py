@@ -15,9 +15,11 @@ import aiohttp
 import pytest
 
 from tests.builders import grant, revoke
-from tests.integration.conftest import (
+from tests.helpers import (
     AMQP_URL,
     BROKER_USER,
+    Publish,
+    StartWorker,
     WorkerProcess,
     dead_letters,
     drain,
@@ -31,9 +33,6 @@ from worker.sandbox.all import Sandbox
 from worker.sandbox.proxy import Proxy
 from worker.sandbox.record import fill_fence
 from worker.service import Service
-
-StartWorker = Callable[..., Awaitable[Service]]
-Publish = Callable[..., Awaitable[None]]
 
 
 def at(seconds_ago: float) -> str:

@@ -1,19 +1,15 @@
 """The whole job against a real broker and the stand-ins: grant, deliver, expire, revoke."""
 
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from tests.builders import grant, revoke
+from tests.helpers import Publish, StartWorker, drain
 from worker.broker.topology import Names
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
-from worker.service import Service
-
-Publish = Callable[..., Awaitable[None]]
-StartWorker = Callable[..., Awaitable[Service]]
 
 
 def links(sandbox: Sandbox) -> list[str]:
@@ -175,8 +171,6 @@ async def test_revoke_deletes_every_key_now(
 async def test_revoke_of_an_unknown_identity_is_done(
     sandbox: Sandbox, start_worker: StartWorker, publish: Publish, amqp: Any, names: Names
 ) -> None:
-    from tests.integration.conftest import drain
-
     service = await start_worker()
     await publish(revoke("nobody"))
     await wait_for(

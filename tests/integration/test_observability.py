@@ -3,20 +3,18 @@ the queue-wait histogram, the credentials gauge and the build info behave as doc
 
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import yaml
 
 from tests.builders import grant
+from tests.helpers import Publish, StartWorker
 from worker.broker.topology import Names
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
 from worker.service import Service
-
-Publish = Callable[..., Awaitable[None]]
-StartWorker = Callable[..., Awaitable[Service]]
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
 METRIC = re.compile(r"\bikw_[a-z0-9_]+")

@@ -8,7 +8,6 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.message import EmailMessage
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
@@ -17,12 +16,12 @@ import pytest
 
 from tests import reference as reference_file
 from tests.builders import grant
+from tests.helpers import Json
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
 from worker.sandbox.twilio import TwilioSandbox
 from worker.service import Service
 
-Json = dict[str, Any]
 PAGING = {
     "page",
     "page_size",

@@ -21,11 +21,11 @@ import aiosmtplib
 import pytest
 
 from tests.builders import grant
+from tests.helpers import Json
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
 from worker.service import Service
 
-Json = dict[str, Any]
 FLAGS = [
     "--headless",
     "--no-sandbox",

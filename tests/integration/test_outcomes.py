@@ -3,7 +3,7 @@
 the link or a full contact."""
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,7 +11,7 @@ import aio_pika
 import pytest
 
 from tests.builders import grant, revoke
-from tests.integration.conftest import BROKER_USER, drain
+from tests.helpers import BROKER_USER, Publish, StartWorker, drain
 from worker import config
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
@@ -20,8 +20,6 @@ from worker.sandbox import changed, wait_for
 from worker.sandbox.all import Sandbox
 from worker.service import Service, StartError
 
-StartWorker = Callable[..., Awaitable[Service]]
-Publish = Callable[..., Awaitable[None]]
 KINDS = ("access.delivered", "access.delivery_failed", "instant_key.deleted")
 
 

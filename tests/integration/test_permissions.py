@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 
 from tests import builders
 from tests.builders import grant
-from tests.integration.conftest import AMQP_URL
+from tests.helpers import AMQP_URL
 from worker import config
 from worker.broker import topology
 from worker.broker.publisher import Publisher, delay_routing_key, entry_level

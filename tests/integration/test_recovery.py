@@ -7,15 +7,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tests.builders import grant
-from tests.integration.conftest import AMQP_URL, WorkerProcess, drain
+from tests.helpers import AMQP_URL, Publish, StartWorker, WorkerProcess, drain
 from worker.broker.topology import Names
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
 from worker.sandbox.proxy import Proxy
-from worker.service import Service
-
-Publish = Callable[..., Awaitable[None]]
-StartWorker = Callable[..., Awaitable[Service]]
 
 
 def phones(count: int) -> list[str]:

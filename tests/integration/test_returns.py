@@ -10,7 +10,7 @@ from typing import Any
 import aio_pika
 
 from tests.builders import grant
-from tests.integration.conftest import WorkerProcess, dead_letters, drain
+from tests.helpers import Publish, StartWorker, WorkerProcess, dead_letters, drain
 from worker.broker.returns import CRASH_LIMIT, VERDICT_DELAY
 from worker.broker.topology import Names
 from worker.queues import DELIVERY_LIMIT
@@ -18,8 +18,6 @@ from worker.sandbox import changed, wait_for
 from worker.sandbox.all import Sandbox
 from worker.service import Service
 
-Publish = Callable[..., Awaitable[None]]
-StartWorker = Callable[..., Awaitable[Service]]
 PHONE = "+14155550142"
 
 

@@ -10,18 +10,14 @@ import aio_pika
 import pytest
 
 from tests.builders import grant
-from tests.integration.conftest import AMQP_URL, WorkerProcess, dead_letters
+from tests.helpers import AMQP_URL, Connection, Publish, StartWorker, WorkerProcess, dead_letters
 from worker.broker import headers
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.events import MAX_BODY_BYTES
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
-from worker.service import Service
 
-Connection = aio_pika.abc.AbstractRobustConnection
-StartWorker = Callable[..., Awaitable[Service]]
-Publish = Callable[..., Awaitable[None]]
 BIG = 10 * 1024 * 1024
 COUNT = 20
 

@@ -4,24 +4,21 @@ import asyncio
 import logging
 import traceback
 import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
 
 from tests.builders import grant
-from worker.channels import SmsChannel
+from tests.helpers import Publish, StartWorker
+from worker.channels.sms import SmsChannel
 from worker.channels.templates import MAX_SMS_SEGMENTS, sms_segments
 from worker.errors import ChannelRefused, CredentialsRefused, Transient
 from worker.ports import KeyMessage
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
 from worker.sandbox.twilio import TwilioSandbox
-from worker.service import Service
-
-Publish = Callable[..., Awaitable[None]]
-StartWorker = Callable[..., Awaitable[Service]]
 
 SENDER = "+15005550006"
 SERVICE = "MG" + "ab" * 16

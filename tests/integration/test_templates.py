@@ -4,18 +4,15 @@ the stand-ins over real sockets; `ikw run`, `ikw templates check` and `preview` 
 import asyncio
 import os
 import subprocess
-import sys
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 
-import aio_pika
 import pytest
 
 from tests.builders import grant
-from tests.integration.conftest import dead_letters
+from tests.helpers import IKW, Connection, Publish, StartWorker, dead_letters
 from worker import config
 from worker.broker.topology import Names
 from worker.channels.templates import SHIPPED
@@ -23,11 +20,6 @@ from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
 from worker.service import Service, StartError
 
-Connection = aio_pika.abc.AbstractRobustConnection
-Publish = Callable[..., Awaitable[None]]
-StartWorker = Callable[..., Awaitable[Service]]
-
-IKW = [sys.executable, "-m", "worker.cli"]
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "templates"
 EXPIRES = datetime(2026, 11, 28, 23, 30, tzinfo=UTC)
 BROKEN = "fr/sms.txt: 'guset_name' is undefined"

@@ -3,7 +3,8 @@ in-memory exporter on a TracerProvider handed to the worker (the global one stay
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.builders import grant
-from tests.integration.conftest import AMQP_URL, BROKER_USER
+from tests.helpers import AMQP_URL, BROKER_USER, Publish, StartWorker
 from worker.broker.topology import Names
 from worker.cli import main
 from worker.sandbox import wait_for
@@ -25,9 +26,14 @@ HEADERS = {
     "traceparent": f"00-{TRACE_ID:032x}-{PRODUCER_SPAN:016x}-01",
     "tracestate": "booking=t61rcWkgMzE",
 }
-
-Publish = Callable[..., Awaitable[None]]
-StartWorker = Callable[..., Awaitable[Any]]
+MESSAGE_ATTRIBUTES = (
+    "messaging.system",
+    "messaging.operation.type",
+    "messaging.message.id",
+    "grant_id",
+    "event_id",
+    "ikw.attempt",
+)
 
 
 @pytest.fixture
@@ -74,7 +80,21 @@ def everything_said(spans: Sequence[ReadableSpan]) -> str:
     return "\n".join(parts)
 
 
-async def test_one_grant_is_one_trace_across_a_retry(
+@dataclass
+class Retried:
+    """One grant handled in two attempts (Seam answered 503 to the first), as traced."""
+
+    event: dict[str, Any]
+    spans: Sequence[ReadableSpan]
+    first: ReadableSpan
+    second: ReadableSpan
+    retry: ReadableSpan  # the first attempt's publish of the retry
+    sandbox: Sandbox
+    log_lines: list[str]
+
+
+@pytest.fixture
+async def retried(
     sandbox: Sandbox,
     start_worker: StartWorker,
     publish: Publish,
@@ -82,58 +102,60 @@ async def test_one_grant_is_one_trace_across_a_retry(
     provider: TracerProvider,
     exporter: InMemorySpanExporter,
     log_lines: list[str],
-) -> None:
+) -> Retried:
     await start_worker(tracer_provider=provider)
     # After the key is generated: the retry finds it and delivers it.
     sandbox.seam.fail_next(503, path="/instant_keys/list")
     event = grant()
     await publish(event, headers=HEADERS, message_id=event["event_id"])
 
-    def settled() -> list[ReadableSpan]:
+    def outcomes() -> list[Any]:
         grants = consumed(exporter.get_finished_spans(), names.grants)
-        return (
-            grants
-            if [(s.attributes or {}).get("ikw.outcome") for s in grants]
-            == [
-                "retried",
-                "acked",
-            ]
-            else []
-        )
+        return [attr(s, "ikw.outcome") for s in grants]
 
-    await wait_for(settled, 20, "both attempts' spans")
+    await wait_for(lambda: outcomes() == ["retried", "acked"], 20, "both attempts' spans")
     spans = exporter.get_finished_spans()
     first, second = consumed(spans, names.grants)
-
-    # One trace, the producer's, with its tracestate, across the retry.
-    assert {s.context.trace_id for s in spans if s in (first, second)} == {TRACE_ID}
-    assert parent_id(first) == PRODUCER_SPAN
     [retry] = [
         s
         for s in children(spans, first, SpanKind.PRODUCER)
-        if str((s.attributes or {}).get("messaging.rabbitmq.destination.routing_key")).endswith(
-            "." + names.grants
-        )
+        if str(routing_key(s)).endswith("." + names.grants)
     ]
-    assert parent_id(second) == retry.context.span_id
+    return Retried(event, spans, first, second, retry, sandbox, log_lines)
+
+
+def attr(span: ReadableSpan, name: str) -> Any:
+    return (span.attributes or {}).get(name)
+
+
+def routing_key(span: ReadableSpan) -> Any:
+    return attr(span, "messaging.rabbitmq.destination.routing_key")
+
+
+async def test_a_retry_stays_in_the_producers_trace(retried: Retried) -> None:
+    first, second, event = retried.first, retried.second, retried.event
+    assert {first.context.trace_id, second.context.trace_id} == {TRACE_ID}
+    assert parent_id(first) == PRODUCER_SPAN
+    assert parent_id(second) == retried.retry.context.span_id
     assert second.context.trace_state.get("booking") == "t61rcWkgMzE"
 
     for span, attempt in ((first, 1), (second, 2)):
-        attributes = span.attributes or {}
-        assert attributes["messaging.system"] == "rabbitmq"
-        assert attributes["messaging.operation.type"] == "process"
-        assert attributes["messaging.message.id"] == event["event_id"]
-        assert attributes["messaging.rabbitmq.destination.routing_key"] in (
-            "access.granted",
-            retry.attributes and retry.attributes["messaging.rabbitmq.destination.routing_key"],
-        )
-        assert attributes["grant_id"] == event["grant_id"]
-        assert attributes["event_id"] == event["event_id"]
-        assert attributes["ikw.attempt"] == attempt
+        assert {name: attr(span, name) for name in MESSAGE_ATTRIBUTES} == {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.message.id": event["event_id"],
+            "grant_id": event["grant_id"],
+            "event_id": event["event_id"],
+            "ikw.attempt": attempt,
+        }
+        assert routing_key(span) in ("access.granted", routing_key(retried.retry))
     assert first.status.status_code is StatusCode.ERROR
     assert "503" in (first.status.description or "")
     assert second.status.status_code is StatusCode.UNSET
 
+
+async def test_seam_calls_are_children_of_their_attempt(retried: Retried) -> None:
+    spans, first, second = retried.spans, retried.first, retried.second
     # Seam calls are CLIENT spans of the message span that made them (the worker's credentials
     # check at start is a trace of its own).
     seam = [
@@ -146,40 +168,47 @@ async def test_one_grant_is_one_trace_across_a_retry(
     assert seam and all(
         parent_id(s) in (first.context.span_id, second.context.span_id) for s in seam
     )
-    [failed] = [s for s in seam if (s.attributes or {}).get("http.response.status_code") == 503]
+    [failed] = [s for s in seam if attr(s, "http.response.status_code") == 503]
     assert parent_id(failed) == first.context.span_id
-    assert failed.attributes and failed.attributes["url.path"] == "/instant_keys/list"
-    assert failed.attributes["http.request.method"] == "POST"
-    assert failed.attributes["server.address"] == "127.0.0.1"
+    assert [
+        attr(failed, name) for name in ("url.path", "http.request.method", "server.address")
+    ] == [
+        "/instant_keys/list",
+        "POST",
+        "127.0.0.1",
+    ]
     assert [s.name for s in children(spans, second, SpanKind.CLIENT) if "POST" in s.name] == [
         "POST /user_identities/get",
         "POST /instant_keys/list",
     ]
 
+
+async def test_the_sms_and_the_timer_are_children_of_their_attempt(retried: Retried) -> None:
+    spans, first, second = retried.spans, retried.first, retried.second
     # The SMS went out in the second attempt; the cleanup timer was set in the first.
     [sms] = [s for s in children(spans, second, SpanKind.CLIENT) if s.name == "twilio send"]
-    assert sms.attributes and sms.attributes["http.response.status_code"] == 201
-    cleanups = [
-        s
-        for s in children(spans, first, SpanKind.PRODUCER)
-        if str((s.attributes or {}).get("messaging.message.id", "")).startswith("cleanup-")
-    ]
-    assert cleanups
+    assert attr(sms, "http.response.status_code") == 201
     assert any(
-        (s.attributes or {}).get("messaging.rabbitmq.destination.routing_key")
-        == f"{BROKER_USER}.access.delivered"
-        for s in children(spans, second, SpanKind.PRODUCER)
+        str(attr(s, "messaging.message.id")).startswith("cleanup-")
+        for s in children(spans, first, SpanKind.PRODUCER)
     )
+    assert f"{BROKER_USER}.access.delivered" in [
+        routing_key(s) for s in children(spans, second, SpanKind.PRODUCER)
+    ]
 
-    # Nothing a span says holds the link or the guest's contacts.
-    said = everything_said(spans)
-    [key] = sandbox.seam.keys.values()
+
+async def test_no_span_holds_the_link_or_the_contacts(retried: Retried) -> None:
+    said = everything_said(retried.spans)
+    [key] = retried.sandbox.seam.keys.values()
     assert key["instant_key_url"] not in said
-    assert event["user_identity"]["phone_number"] not in said
-    assert event["user_identity"]["email_address"] not in said
+    assert retried.event["user_identity"]["phone_number"] not in said
+    assert retried.event["user_identity"]["email_address"] not in said
 
-    # The log lines written while handling the grant carry its trace and its message span.
-    lines = [json.loads(line) for line in log_lines]
+
+async def test_log_lines_carry_the_trace_and_the_message_span(
+    retried: Retried, names: Names
+) -> None:
+    lines = [json.loads(line) for line in retried.log_lines]
     handled = [line for line in lines if line.get("queue") == names.grants]
     assert [line["msg"] for line in handled if line["msg"].startswith("message ")] == [
         "message retried",
@@ -187,7 +216,7 @@ async def test_one_grant_is_one_trace_across_a_retry(
     ]
     assert {line.get("trace_id") for line in handled} == {f"{TRACE_ID:032x}"}
     assert {line["span_id"] for line in handled} == {
-        f"{s.context.span_id:016x}" for s in (first, second)
+        f"{s.context.span_id:016x}" for s in (retried.first, retried.second)
     }
 
 

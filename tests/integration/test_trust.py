@@ -15,15 +15,12 @@ import pytest
 import worker.broker.consumer
 import worker.broker.decision
 from tests.builders import body, grant, revoke
-from tests.integration.conftest import AMQP_URL, dead_letters, drain
+from tests.helpers import AMQP_URL, Publish, StartWorker, dead_letters, drain
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
-from worker.service import Service
 
-StartWorker = Callable[..., Awaitable[Service]]
-Publish = Callable[..., Awaitable[None]]
 VICTIM_PHONE, ATTACKER_PHONE = "+14155550100", "+14155550666"
 
 

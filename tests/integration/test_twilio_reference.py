@@ -10,14 +10,14 @@ import aiohttp
 import pytest
 
 from tests import reference as reference_file
-from worker.channels import SmsChannel
+from tests.helpers import Json
+from worker.channels.sms import SmsChannel
 from worker.ports import KeyMessage
 from worker.sandbox.twilio import TwilioSandbox
 
 MESSAGES = "/2010-04-01/Accounts/{AccountSid}/Messages.json"
 SERVICE = "MG" + "ab" * 16
 
-Json = dict[str, Any]
 TYPES: dict[str, type | tuple[type, ...]] = {
     "string": str,
     "integer": int,

@@ -78,8 +78,8 @@ def test_channels_turn_on_when_their_settings_are_present() -> None:
             "IKW_MIN_KEY_LIFETIME": "2h",
         }
     )
-    assert settings.sms is not None and settings.sms.messaging_service_sid
-    assert settings.email is not None and settings.email.port == 587  # starttls default
+    assert settings.channels["sms"].messaging_service_sid
+    assert settings.channels["email"].port == 587  # starttls default
     assert settings.min_key_lifetime == timedelta(hours=2)
 
 
@@ -248,7 +248,7 @@ def test_smtp_ca_file_must_be_readable(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     settings = load(BASE | {"SMTP_CA_FILE": str(ca)})
-    assert settings.email is not None and settings.email.ca_file == str(ca)
+    assert settings.channels["email"].ca_file == str(ca)
     missing = problems(BASE | {"SMTP_CA_FILE": str(tmp_path / "absent.pem")})
     assert missing.startswith("SMTP_CA_FILE: cannot read")
     assert problems(BASE | {"SMTP_CA_FILE": str(tmp_path)}).startswith("SMTP_CA_FILE: cannot read")

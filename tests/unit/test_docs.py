@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from worker.cli import parser
-from worker.config import VARIABLES
+from worker.config import VARIABLES, variables
 from worker.errors import REASONS
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
@@ -27,3 +27,17 @@ def test_every_command_is_in_the_readme() -> None:
     [action] = parser()._subparsers._group_actions  # type: ignore[union-attr]
     for name in action.choices or ():
         assert f"ikw {name}" in README, name
+
+
+def test_the_configuration_table_is_the_declared_settings() -> None:
+    """Its rows name exactly the variables declared with ``setting()``, each default shown as the
+    README writes it when the declaration has one a reader would type."""
+    table = README.split("## Configuration", 1)[1].split("\n\n| variable |", 1)[1]
+    rows = [line for line in table.split("\n\n", 1)[0].splitlines() if line.startswith("| `")]
+    named = {name for row in rows for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])}
+    assert named == {v.name for v in variables()}
+    for row in rows:
+        first = re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])
+        [variable] = [v for v in variables() if v.name == first[0]]
+        if type(variable.default) in (str, int) and variable.default not in ("", 0):
+            assert str(variable.default) in row.split("|")[2], row

@@ -11,6 +11,7 @@ import pytest
 from multidict import CIMultiDict
 
 from tests import reference as reference_file
+from tests.helpers import Json
 from worker.ports import InstantKey, Seam, UserIdentity
 from worker.seam import SeamClient
 
@@ -21,8 +22,6 @@ SAMPLES = {
     "uri": "https://ik.seam.co/sample",
     "email": "ada@example.com",
 }
-
-Json = dict[str, Any]
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,10 @@ import pytest
 
 from tests import builders
 from worker import config
+from worker.channels import CHANNELS
 from worker.channels.templates import (
     MAX_SMS_SEGMENTS,
+    PARTS,
     SHIPPED,
     TemplateProblem,
     Templates,
@@ -23,6 +25,7 @@ from worker.channels.templates import (
 from worker.errors import InvalidEvent
 from worker.events import AccessGranted, parse
 from worker.ports import KeyMessage
+from worker.service import load_templates
 
 URL = "https://ik.example.com/k/ik_7Hq2?token=a&v=2"
 MESSAGE = KeyMessage(
@@ -460,3 +463,17 @@ def test_a_bad_time_zone_or_property_name_is_an_invalid_event(delivery: dict[str
         parse(grant_with(**delivery), "application/json")
     assert raised.value.reason == "invalid_event"
     assert "14155550100" not in str(raised.value) and "etc/passwd" not in str(raised.value)
+
+
+def test_the_template_files_are_the_channels_own() -> None:
+    """A locale needs the files its channels name in their wiring, no more."""
+    assert set(PARTS) == {name for wiring in CHANNELS for name in wiring.templates}
+    assert len(PARTS) == sum(len(wiring.templates) for wiring in CHANNELS)
+
+
+def test_the_worker_compiles_the_templates_once() -> None:
+    """config.load checks them by compiling them; the channels get that very set."""
+    settings = config.load(BASE_ENV)
+    assert settings.templates is not None
+    assert load_templates(settings) is settings.templates
+    assert replace(settings, time_zone="Europe/Paris").templates is None  # a copy compiles anew

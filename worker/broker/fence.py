@@ -89,6 +89,7 @@ class StreamFence:
         self._threshold = self.snapshot_every * random.uniform(1.0, 1.2)  # rarely two at once
         self._waiting: dict[str, asyncio.Future[None]] = {}
         self._channel: AbstractChannel | None = None
+        self._tag: str | None = None  # our consumer of the fence
         self._catching_up: asyncio.Task[None] | None = None
         self._snapshotting: asyncio.Task[None] | None = None
 
@@ -257,7 +258,16 @@ class StreamFence:
         return max(pointers, default=None)
 
     async def _follow(self, channel: AbstractChannel, offset: int | str) -> None:
-        await _consume(channel, self.names.fence, self._on_message, offset)
+        _, self._tag = await _consume(channel, self.names.fence, self._on_message, offset)
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._cancelled)
+
+    def _cancelled(self, frame: Any) -> None:
+        """The broker cancelled a consumer (``frame`` is a Basic.Cancel). Ours, when the stream's
+        leader moved, say: read on from the last entry read, as after a reconnect."""
+        if frame.consumer_tag == self._tag:
+            log.warning("the broker stopped our reading of the revocation fence; reading on")
+            self._reopened()
 
     def _reopened(self, *_: object) -> None:
         log.info("following the revocation fence again", extra={"ctx": {"offset": self._offset}})

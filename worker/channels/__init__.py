@@ -1,6 +1,12 @@
-"""Delivery channels: each sends a guest the key's link and implements ``worker.ports.Channel``."""
+"""Delivery channels: each sends a guest the key's link and implements ``worker.ports.Channel``.
 
-from worker.channels.email import EmailChannel
-from worker.channels.sms import SmsChannel
+Each channel has its wiring module (``<name>_wiring.py``: settings, factory, template files),
+light to import, beside its sender (``<name>.py``); ``CHANNELS`` lists the wirings, in the order
+the README and ``ikw run --help`` show them."""
 
-__all__ = ["EmailChannel", "SmsChannel"]
+from typing import Any
+
+from worker.channels import email_wiring, sms_wiring
+from worker.channels.wiring import Wiring
+
+CHANNELS: tuple[Wiring[Any], ...] = (sms_wiring.WIRING, email_wiring.WIRING)

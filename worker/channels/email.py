@@ -8,18 +8,17 @@ from email.message import EmailMessage
 from email.parser import Parser
 from email.policy import Policy
 from email.utils import format_datetime, getaddresses, make_msgid, parseaddr
-from typing import Any, Literal
+from typing import Any
 
 import aiosmtplib
 from opentelemetry.trace import Tracer
 
 from worker import tracing
+from worker.channels.email_wiring import TlsMode
 from worker.channels.templates import Templates, shipped
 from worker.errors import ChannelRefused, CredentialsRefused, Transient, WorkerError
 from worker.guest_name import clean_name
 from worker.ports import KeyMessage
-
-TlsMode = Literal["none", "starttls", "tls"]
 
 # Replies that mean our login is missing, wrong or not allowed as configured, not the guest's.
 _CREDENTIAL_CODES = {530, 534, 535, 538}

@@ -5,11 +5,10 @@ import signal
 
 from worker.sandbox.outbox import Json, Outbox, describe
 from worker.sandbox.seam import SeamSandbox
-from worker.sandbox.smtp import SmtpSandbox
-from worker.sandbox.twilio import TwilioSandbox
+from worker.sandbox.smtp import EMAIL_FROM, SmtpSandbox
+from worker.sandbox.twilio import SMS_FROM, TwilioSandbox
 
-SMS_FROM = "+15005550006"  # Twilio's magic "valid sender" test number
-EMAIL_FROM = "keys@example.com"
+__all__ = ["EMAIL_FROM", "SMS_FROM", "Sandbox", "serve_forever"]
 
 
 class Sandbox:
@@ -49,18 +48,8 @@ class Sandbox:
 
     def env(self) -> dict[str, str]:
         """Settings for a worker that uses these stand-ins."""
-        return {
-            "SEAM_ENDPOINT": self.seam.url,
-            "SEAM_API_KEY": self.seam.api_key,
-            "TWILIO_API_URL": self.twilio.url,
-            "TWILIO_ACCOUNT_SID": self.twilio.account_sid,
-            "TWILIO_AUTH_TOKEN": self.twilio.auth_token,
-            "TWILIO_FROM": SMS_FROM,
-            "SMTP_HOST": self.smtp.host,
-            "SMTP_PORT": str(self.smtp.port),
-            "SMTP_TLS": "none",
-            "EMAIL_FROM": EMAIL_FROM,
-        }
+        seam = {"SEAM_ENDPOINT": self.seam.url, "SEAM_API_KEY": self.seam.api_key}
+        return seam | self.twilio.env() | self.smtp.env()  # each channel's stand-in: its own
 
 
 async def serve_forever(

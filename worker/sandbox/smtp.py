@@ -15,6 +15,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from worker.sandbox import changed
 
+EMAIL_FROM = "keys@example.com"
+
 # aiosmtpd itself sets the deprecated Session.login_data on every login and logs a warning.
 logging.getLogger("mail.log").addFilter(
     lambda record: "login_data is deprecated" not in record.getMessage()
@@ -69,6 +71,15 @@ class SmtpSandbox:
         self._refusals: list[_Refusal] = []
         self._server: asyncio.Server | None = None
         self._sessions: list[SMTP] = []
+
+    def env(self) -> dict[str, str]:
+        """The email channel's settings for a worker that uses this stand-in."""
+        return {
+            "SMTP_HOST": self.host,
+            "SMTP_PORT": str(self.port),
+            "SMTP_TLS": self._tls,
+            "EMAIL_FROM": EMAIL_FROM,
+        }
 
     def refuse_next(
         self,

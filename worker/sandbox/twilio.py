@@ -22,6 +22,7 @@ from aiohttp import web
 from worker.http import Served
 from worker.sandbox import changed
 
+SMS_FROM = "+15005550006"  # Twilio's magic "valid sender" test number
 DEFAULT_ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 DEFAULT_AUTH_TOKEN = "sandbox-auth-token"
 API_VERSION = "2010-04-01"
@@ -106,6 +107,15 @@ class TwilioSandbox(Served):
         self.fail_code = 20429
         self.fail_status = 429
         self._failures: list[_Failure] = []
+
+    def env(self) -> dict[str, str]:
+        """The SMS channel's settings for a worker that uses this stand-in."""
+        return {
+            "TWILIO_API_URL": self.url,
+            "TWILIO_ACCOUNT_SID": self.account_sid,
+            "TWILIO_AUTH_TOKEN": self.auth_token,
+            "TWILIO_FROM": SMS_FROM,
+        }
 
     def fail_next(
         self,
