@@ -130,12 +130,7 @@ class Flows:
         """``still_held`` says whether the message is still ours to ack; when it is not, another
         delivery of it will do the work, so nothing is sent."""
         guest = event.user_identity
-        if self.clock() - event.occurred_at > self.revoke_retention:
-            raise Permanent(
-                "the grant occurred longer ago than IKW_REVOKE_RETENTION: a revoke of it could "
-                "no longer be seen",
-                reason=Reason.STALE_GRANT,
-            )
+        self._check_fresh(event)
         await self.fence.wait_caught_up()
         names = identity_names(guest.user_identity_id, guest.user_identity_key)
         if self._fenced(event, names):
@@ -158,16 +153,7 @@ class Flows:
             # Recorded before it is sent: a key delivered for this grant outlives only revokes
             # that occurred before it (an unrecorded key is treated as revoked).
             await self.fence.record_delivery(key.instant_key_id, event.occurred_at, key.expires_at)
-            message = KeyMessage(
-                full_name=guest.full_name or identity.full_name,
-                phone_number=guest.phone_number or identity.phone_number,
-                email_address=guest.email_address or identity.email_address,
-                locale=event.delivery.locale,
-                expires_at=key.expires_at,
-                url=key.instant_key_url,
-                time_zone=event.delivery.time_zone,
-                property_name=event.delivery.property_name,
-            )
+            message = _key_message(event, identity, key)
             channel, sent_id = await self._deliver(message, event.delivery.channels, still_held)
         await self.announcer.announce(
             AccessDelivered(
@@ -194,6 +180,14 @@ class Flows:
             identity_id=identity.user_identity_id,
             created=created,
         )
+
+    def _check_fresh(self, event: AccessGranted) -> None:
+        if self.clock() - event.occurred_at > self.revoke_retention:
+            raise Permanent(
+                "the grant occurred longer ago than IKW_REVOKE_RETENTION: a revoke of it could "
+                "no longer be seen",
+                reason=Reason.STALE_GRANT,
+            )
 
     async def revoke(self, event: AccessRevoked) -> Outcome:
         ref = event.user_identity
@@ -449,3 +443,18 @@ class Flows:
                 continue
             return name, sent_id
         raise Permanent("; ".join(refusals), reason=Reason.NO_CHANNEL_ACCEPTED)
+
+
+def _key_message(event: AccessGranted, identity: UserIdentity, key: InstantKey) -> KeyMessage:
+    """What the guest is sent: the event's contact details first, then Seam's."""
+    guest = event.user_identity
+    return KeyMessage(
+        full_name=guest.full_name or identity.full_name,
+        phone_number=guest.phone_number or identity.phone_number,
+        email_address=guest.email_address or identity.email_address,
+        locale=event.delivery.locale,
+        expires_at=key.expires_at,
+        url=key.instant_key_url,
+        time_zone=event.delivery.time_zone,
+        property_name=event.delivery.property_name,
+    )
