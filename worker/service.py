@@ -136,15 +136,7 @@ class Service:
 
     async def start(self) -> None:
         open_files_for(self.settings.prefetch)
-        self.http = Served(self._http_app())
-        try:
-            await self.http.start("0.0.0.0", self.settings.http_port)
-        except OSError as exc:
-            why = os.strerror(exc.errno).lower() if exc.errno else type(exc).__name__
-            raise StartError(
-                f"cannot serve health and metrics on port {self.settings.http_port} ({why}); "
-                "free it or set IKW_HTTP_PORT"
-            ) from None
+        await self._serve_http()
         self.connection = await connect(self.settings.amqp_url)
         self.connection.close_callbacks.add(self._connection_lost)
         self.connection.reconnect_callbacks.add(self._reconnected)
@@ -155,16 +147,7 @@ class Service:
         publishing = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         following = await self.connection.channel()
         self._channels = [consuming, publishing, following]
-        if self.settings.declare:
-            # On a channel of its own, closed after: a robust channel would declare the whole
-            # topology again at every reopen, and one queue without a leader failed it all.
-            declaring = await self.connection.channel()
-            await topology.declare(
-                declaring, self.names, self.settings.revoke_retention, self.settings.quorum_size
-            )
-            await declaring.close()
-        else:
-            await self._expect(self.names.outcomes)
+        await self._topology()
         publisher = Publisher(publishing, self.names, self.settings.broker_user, tracer=self.tracer)
         self.fence = StreamFence(
             self.names, publisher, self.settings.broker_user, self.settings.revoke_retention
@@ -172,16 +155,61 @@ class Service:
         self.returns.follow(self.fence)
         self.metrics.follow(self.fence)
         await self.fence.start(following)
+        self.consumer = self._consumer(consuming, publisher, self.fence)
+        consuming.close_callbacks.add(self.consumer.lost)
+        self._recording = asyncio.create_task(self.returns.record(self.fence.append))
+        assert self.http is not None
+        log.info(
+            "worker started",
+            extra={
+                "ctx": {
+                    "namespace": self.settings.namespace,
+                    "channels": sorted(self.channels),
+                    "http": self.http.url,
+                    "prefetch": self.settings.prefetch,
+                }
+            },
+        )
+        self._guard = asyncio.create_task(self._wait_for_credentials(None))
+
+    async def _serve_http(self) -> None:
+        self.http = Served(self._http_app())
+        try:
+            await self.http.start("0.0.0.0", self.settings.http_port)
+        except OSError as exc:
+            why = os.strerror(exc.errno).lower() if exc.errno else type(exc).__name__
+            raise StartError(
+                f"cannot serve health and metrics on port {self.settings.http_port} ({why}); "
+                "free it or set IKW_HTTP_PORT"
+            ) from None
+
+    async def _topology(self) -> None:
+        """Declare it (IKW_DECLARE), else make sure what the worker publishes to is there."""
+        assert self.connection is not None
+        if not self.settings.declare:
+            await self._expect(self.names.outcomes)
+            return
+        # On a channel of its own, closed after: a robust channel would declare the whole
+        # topology again at every reopen, and one queue without a leader failed it all.
+        declaring = await self.connection.channel()
+        await topology.declare(
+            declaring, self.names, self.settings.revoke_retention, self.settings.quorum_size
+        )
+        await declaring.close()
+
+    def _consumer(
+        self, consuming: AbstractChannel, publisher: Publisher, fence: StreamFence
+    ) -> Consumer:
         flows = Flows(
             self.seam,
             self.channels,
             publisher,
-            self.fence,
+            fence,
             publisher,
             min_key_lifetime=self.settings.min_key_lifetime,
             revoke_retention=self.settings.revoke_retention,
         )
-        self.consumer = Consumer(
+        return Consumer(
             consuming,
             publisher,
             self.names,
@@ -198,20 +226,6 @@ class Service:
             returns=self.returns,
             tracer=self.tracer,
         )
-        consuming.close_callbacks.add(self.consumer.lost)
-        self._recording = asyncio.create_task(self.returns.record(self.fence.append))
-        log.info(
-            "worker started",
-            extra={
-                "ctx": {
-                    "namespace": self.settings.namespace,
-                    "channels": sorted(self.channels),
-                    "http": self.http.url,
-                    "prefetch": self.settings.prefetch,
-                }
-            },
-        )
-        self._guard = asyncio.create_task(self._wait_for_credentials(None))
 
     def _connection_lost(self, *_: object) -> None:
         if self.fence is not None:
