@@ -366,8 +366,9 @@ async def census(channel: AbstractChannel, names: Names, tally: Tally) -> Leftov
     fence."""
     left = Leftovers()
     for name in names.all_queues():
-        # The fence is a stream (no basic.get): revokes, which the soak does not publish.
-        if name in (names.dead, names.fence) or (await queue_counts(channel, name))[0] == 0:
+        # The fence and its index are streams (no basic.get): the worker's record, not grants.
+        streams = (names.fence, names.fence_index)
+        if name in (names.dead, *streams) or (await queue_counts(channel, name))[0] == 0:
             continue
         queue = await channel.get_queue(name)
         while (message := await queue.get(no_ack=True, fail=False)) is not None:
