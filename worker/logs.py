@@ -27,12 +27,14 @@ def mask_email(address: str | None) -> str:
 
 
 # In free text: an address, a number written with a + (E.164 and its spaced forms), a quoted
-# string that is only a number of 7+ digits with separators, or a bare run of 7+ digits.
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+# string that is only a number of 7+ digits with separators, or a bare run of 7+ digits. Every
+# repeat is bounded (an address's parts, a number's length): unbounded, a 64 KiB body of letters
+# or digits cost seconds of backtracking.
+_EMAIL = re.compile(r"[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}")
 _PHONE = re.compile(
-    r"\+\d[\d ().-]{5,}\d"
-    r"|(?<=\")\(?\d[\d ().-]{5,}\d(?=\")"
-    r"|(?<![\w.+-])\d{7,}(?![\w.-])"
+    r"\+\d[\d ().-]{5,30}\d"
+    r"|(?<=\")\(?\d[\d ().-]{5,30}\d(?=\")"
+    r"|(?<![\w.+-])\d{7,20}(?![\w.-])"
 )
 
 

@@ -1,6 +1,7 @@
 """The queue-wait histogram, the credentials gauge and IKW_LOG_LEVEL, without a broker."""
 
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
@@ -120,3 +121,21 @@ def test_setup_applies_the_level() -> None:
 def test_log_timestamps_read_as_isoformat_did(created: float) -> None:
     expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
     assert logs.JsonFormatter()._timestamp(created) == expected
+
+
+def test_contacts_in_free_text_are_masked() -> None:
+    text = '"phone": "+14155550100", "email": "ada.lovelace@example.com", "note": "call 0207946095"'
+    assert logs.mask_contacts(text) == (
+        '"phone": "+1********00", "email": "a***@example.com", "note": "call 02******95"'
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["a" * 65_536, "1" * 65_536, "+1" + " 1" * 32_767, "a" * 65_535 + "@", "x@" + "a." * 32_767],
+)
+def test_masking_a_hostile_body_costs_milliseconds_not_seconds(body: str) -> None:
+    # Unbounded repeats made `ikw dlq show` backtrack for seconds over 64 KiB of letters.
+    started = time.process_time()
+    logs.mask_contacts(body)
+    assert time.process_time() - started < 0.5
