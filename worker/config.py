@@ -294,7 +294,7 @@ class Settings(GuestText, BrokerSettings):
     max_attempts: int = setting(
         "IKW_MAX_ATTEMPTS",
         10,
-        "tries before a transient failure is dead-lettered (default 10)",
+        "tries before a grant's transient failure is dead-lettered (default 10)",
         whole(1, 1000),
     )
     max_retry_age: timedelta = setting(
