@@ -20,7 +20,12 @@ from worker.sandbox import changed, wait_for
 from worker.sandbox.all import Sandbox
 from worker.service import Service, StartError
 
-KINDS = ("access.delivered", "access.delivery_failed", "instant_key.deleted")
+KINDS = (
+    "access.delivered",
+    "access.delivery_failed",
+    "instant_key.deleted",
+    "access.revoke_completed",
+)
 
 
 class Listener:
@@ -28,7 +33,7 @@ class Listener:
         self.heard: list[tuple[str, dict[str, Any], bytes]] = []
 
     async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        await message.ack()
+        # Taken with no_ack: an ack racing the channel's close at teardown broke the connection.
         self.heard.append((message.routing_key or "", json.loads(message.body), message.body))
         changed()
 
@@ -44,7 +49,7 @@ async def listener(amqp: Any, names: Names) -> AsyncIterator[Listener]:
     queue = await channel.declare_queue(exclusive=True)
     await queue.bind(names.outcomes, f"{BROKER_USER}.#")
     heard = Listener()
-    await queue.consume(heard.on_message)
+    await queue.consume(heard.on_message, no_ack=True)
     yield heard
     await channel.close()
 
@@ -117,6 +122,9 @@ async def test_every_deletion_is_announced_with_why(
     revoked = listener.of("instant_key.deleted")[1]
     assert revoked["why"] == "revoked"
     assert revoked["instant_key_id"] == listener.of("access.delivered")[1]["instant_key_id"]
+    await wait_for(lambda: listener.of("access.revoke_completed"), 15, "the revoke's completion")
+    [done] = listener.of("access.revoke_completed")
+    assert (done["deleted"], done["kept"]) == (1, 0)
     no_secrets(listener, sandbox)
 
 
