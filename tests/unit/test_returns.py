@@ -72,11 +72,23 @@ def test_losses_are_counted_by_when_they_happened() -> None:
     before = datetime.now(UTC) - timedelta(seconds=1)
     returns.note([], loss=True)
     returns.note(["k"])  # a message handed back: not a lost channel
-    returns.apply(
-        {"t": "returned", "id": "old", "keys": [], "at": "2020-01-01T00:00:00+00:00", "loss": True}
-    )
+    an_hour_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    returns.apply({"t": "returned", "id": "old", "keys": [], "at": an_hour_ago, "loss": True})
     assert returns.losses_since(before) == 1
-    assert returns.losses_since(datetime(2019, 1, 1, tzinfo=UTC)) == 2
+    assert returns.losses_since(datetime.now(UTC) - timedelta(hours=2)) == 2
+
+
+def test_records_older_than_a_day_are_forgotten() -> None:
+    returns = Returns()
+    two_days_ago = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    returns.apply({"t": "returned", "id": "r0", "keys": ["a"], "at": two_days_ago, "loss": True})
+    assert returns.returns("a") == 0  # read back from an old stream: not counted at all
+    returns.note(["a"], loss=True)
+    returns.note(["b"])
+    assert (returns.returns("a"), returns.returns("b")) == (1, 1)
+    returns.forget(datetime.now(UTC) + timedelta(seconds=1))  # a day later, as a sweep sees it
+    assert (returns.returns("a"), returns.returns("b")) == (0, 0)
+    assert returns.losses_since(datetime(2020, 1, 1, tzinfo=UTC)) == 0
 
 
 def test_a_record_read_twice_counts_once() -> None:

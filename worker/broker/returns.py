@@ -37,6 +37,10 @@ VERDICT_DELAY = 10.0
 # since it was made, less SLACK for records of losses just before it).
 LOSS_WINDOW = timedelta(minutes=15)
 SLACK = timedelta(seconds=30)
+# Records older than this are forgotten (a message's own copies carry what explained it before):
+# without it a long-running replica would hold every return of the stream's retention.
+KEPT = timedelta(days=1)
+FORGET_EVERY = 1024  # records applied between two sweeps
 
 
 def key(queue: str, body: bytes) -> str:
@@ -76,6 +80,7 @@ class Returns:
     def __init__(self) -> None:
         self._seen: dict[str, set[str]] = {}
         self._losses: dict[str, datetime] = {}  # record id -> when a channel was lost
+        self._records: dict[str, tuple[datetime, list[str]]] = {}  # record id -> when, keys
         self._pending: list[dict[str, Any]] = []
         self._waiting = asyncio.Event()
 
@@ -111,12 +116,32 @@ class Returns:
         if not isinstance(record, str) or not isinstance(keys, list):
             log.warning("ignored a malformed returns record")
             return
-        for one in keys:
-            if isinstance(one, str):
-                self._seen.setdefault(one, set()).add(record)
-        at = moment(entry.get("at"))
-        if entry.get("loss") is True and at is not None:
+        now = datetime.now(UTC)
+        at = moment(entry.get("at")) or now
+        if record in self._records or at < now - KEPT:
+            return
+        listed = [one for one in keys if isinstance(one, str)]
+        self._records[record] = (at, listed)
+        for one in listed:
+            self._seen.setdefault(one, set()).add(record)
+        if entry.get("loss") is True:
             self._losses[record] = at
+        if len(self._records) % FORGET_EVERY == 0:
+            self.forget(now - KEPT)
+
+    def forget(self, before: datetime) -> None:
+        """Drop the records written before ``before``."""
+        for record, (at, listed) in list(self._records.items()):
+            if at >= before:
+                continue
+            del self._records[record]
+            self._losses.pop(record, None)
+            for one in listed:
+                ids = self._seen.get(one)
+                if ids is not None:
+                    ids.discard(record)
+                    if not ids:
+                        del self._seen[one]
 
     async def flush(self, append: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         """Record every pending note; raises (keeping the rest) when the broker refuses."""
