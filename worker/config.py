@@ -333,6 +333,24 @@ class Settings(GuestText, BrokerSettings):
         "refuse events that occurred this much after receipt (default 5m)",
         duration,
     )
+    delivery_lead: timedelta = setting(
+        "IKW_DELIVERY_LEAD",
+        timedelta(hours=24),
+        "a stay's key is sent this long before check-in (default 24h)",
+        duration,
+    )
+    checkout_grace: timedelta = setting(
+        "IKW_CHECKOUT_GRACE",
+        timedelta(hours=1),
+        "a stay's keys are deleted this long after checkout (default 1h)",
+        duration,
+    )
+    renew_before: timedelta = setting(
+        "IKW_RENEW_BEFORE",
+        timedelta(hours=2),
+        "a stay's key expiring before checkout is replaced this long before (default 2h)",
+        duration,
+    )
     declare: bool = setting(
         "IKW_DECLARE",
         True,

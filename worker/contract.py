@@ -3,24 +3,16 @@ publish, and the outcome events the worker publishes back for them to bind to.""
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from worker.events import (
-    AccessDelivered,
-    AccessDeliveryFailed,
-    KeyDeleted,
-    Model,
-    RevokeCompleted,
-)
+from worker.events import Announcement, Model, literal
 from worker.queues import Names
 from worker.routes import ROUTES
 
 PUBLIC: dict[str, type[Model]] = {route.schema: route.model for route in ROUTES if route.public}
 OUTCOMES: dict[str, type[Model]] = {
-    "access.delivered.v1": AccessDelivered,
-    "access.delivery_failed.v1": AccessDeliveryFailed,
-    "instant_key.deleted.v1": KeyDeleted,
-    "access.revoke_completed.v1": RevokeCompleted,
+    f"{literal(model, 'type')}.v{literal(model, 'version')}": model
+    for model in get_args(Announcement)
 }
 
 

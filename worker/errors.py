@@ -39,6 +39,10 @@ class Reason(StrEnum):
     IDENTITY_OUT_OF_SCOPE = "identity_out_of_scope", "an identity outside its producer's prefixes"
     WRONG_QUEUE = "wrong_queue", "an event on the queue of another type"
     KEY_IDENTITY_MISMATCH = "key_identity_mismatch", "a cleanup for a key of another identity"
+    RESERVATION_IDENTITY_MISMATCH = (
+        "reservation_identity_mismatch",
+        "a reservation_key already recorded for another identity",
+    )
     STALE_GRANT = "stale_grant", "a grant older than IKW_REVOKE_RETENTION"
     OCCURRED_IN_FUTURE = "occurred_in_future", "occurred_at past receipt plus IKW_MAX_CLOCK_SKEW"
     UNROUTABLE = "unroutable", "an event no queue takes"

@@ -89,7 +89,10 @@ class GuestIdentity(IdentityRef):
 
 
 ChannelName = Literal["sms", "email"]
-DeletedWhy = Literal["expired", "revoked", "converged"]
+EndReason = Literal["cancelled", "checked_out", "no_show", "other"]
+# Why a key was deleted: its expiry, a revoke, duplicates, its stay's end, or the revoke's reason.
+DeletedWhy = Literal["expired", "revoked", "converged", "stay_ended"] | EndReason
+DeliveryReason = Literal["initial", "renewal", "stay_changed"]
 
 
 def _time_zone(value: str) -> str:
@@ -140,21 +143,79 @@ class EventBase(Model):
     grant_id: Text
 
 
+class Stay(Model):
+    """The booking a grant is for: the key is sent at ``deliver_at`` and deleted at checkout."""
+
+    reservation_key: Text = Field(description="The booking system's own key for the reservation")
+    starts_at: AwareDatetime = Field(description="Check-in")
+    ends_at: AwareDatetime = Field(description="Checkout")
+    deliver_at: AwareDatetime | None = Field(
+        default=None,
+        description="When to send the key (default: starts_at minus IKW_DELIVERY_LEAD); never "
+        "after starts_at",
+    )
+    revision: Annotated[int, Field(ge=0, le=2**53)] = Field(
+        default=0, description="Higher replaces the stay; lower or equal changes nothing"
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> "Stay":
+        if self.starts_at >= self.ends_at:
+            raise ValueError("stay.starts_at must be before stay.ends_at")
+        if self.deliver_at is not None and self.deliver_at > self.starts_at:
+            raise ValueError("stay.deliver_at must not be after stay.starts_at")
+        return self
+
+
 class AccessGranted(EventBase):
-    """A booking system grants a guest access: mint (or reuse) an Instant Key and deliver it."""
+    """A booking system grants a guest access: mint (or reuse) an Instant Key and deliver it, or,
+    with a ``stay``, schedule it for the stay."""
 
     model_config = ConfigDict(title="access.granted v1")
     type: Literal["access.granted"]
     user_identity: GuestIdentity
     delivery: Delivery
     instant_key: KeyOptions = KeyOptions()
+    stay: Stay | None = None
 
 
 class AccessRevoked(EventBase):
-    """A booking system revokes access: delete every Instant Key of the identity now."""
+    """A booking system revokes access: delete the identity's Instant Keys now, or, with a
+    ``reservation_key``, end that stay only."""
 
     model_config = ConfigDict(title="access.revoked v1")
     type: Literal["access.revoked"]
+    user_identity: IdentityRef
+    reservation_key: Text | None = Field(
+        default=None, description="End this stay only (default: every stay of the identity)"
+    )
+    reason: EndReason | None = Field(
+        default=None,
+        description="Why the stay ends, as instant_key.deleted's why (default "
+        "cancelled for a reservation)",
+    )
+
+
+class StayDelivery(Model):
+    """Internal: published by the worker, due at a stay's delivery or a key's renewal."""
+
+    model_config = ConfigDict(title="stay.delivery v1")
+    type: Literal["stay.delivery"]
+    version: Literal[1]
+    reason: Literal["initial", "renewal"]
+    due_at: AwareDatetime
+    grant: AccessGranted  # with its stay
+
+
+class StayEnd(Model):
+    """Internal: published by the worker, due at a stay's checkout plus IKW_CHECKOUT_GRACE."""
+
+    model_config = ConfigDict(title="stay.end v1")
+    type: Literal["stay.end"]
+    version: Literal[1]
+    reservation_key: Text
+    revision: int
+    due_at: AwareDatetime
     user_identity: IdentityRef
 
 
@@ -194,6 +255,27 @@ class AccessDelivered(OutcomeBase):
     channel: ChannelName
     provider_message_id: str = Field(description="The Twilio message SID or the email Message-ID")
     minted: bool = Field(description="False when an existing key was delivered again")
+    reservation_key: str | None = Field(default=None, description="The stay's, if any")
+    revision: int | None = None
+    delivery_reason: DeliveryReason | None = Field(
+        default=None, description="For a stay: its first key, a renewal, or a changed stay"
+    )
+
+
+class AccessScheduled(OutcomeBase):
+    """Published by the worker when a grant with a stay is accepted: its key is sent at
+    ``deliver_at``."""
+
+    model_config = ConfigDict(title="access.scheduled v1")
+    type: Literal["access.scheduled"] = "access.scheduled"
+    event_id: str
+    grant_id: str
+    user_identity: KnownIdentity
+    reservation_key: str
+    revision: int
+    deliver_at: AwareDatetime
+    starts_at: AwareDatetime
+    ends_at: AwareDatetime
 
 
 class AccessDeliveryFailed(OutcomeBase):
@@ -204,7 +286,10 @@ class AccessDeliveryFailed(OutcomeBase):
     event_id: str
     grant_id: str
     user_identity: KnownIdentity
-    reason: str = Field(description="The dead letter's x-ikw-reason, e.g. no_channel_accepted")
+    reason: str = Field(
+        description="stay_ended when the stay ended before its key could be sent (acked, "
+        "nothing to replay); else the dead letter's x-ikw-reason, e.g. no_channel_accepted"
+    )
     error: str = Field(description="One line; never a link or a contact")
 
 
@@ -232,9 +317,11 @@ class RevokeCompleted(OutcomeBase):
     kept: int = Field(description="Instant Keys left: delivered for grants that occurred later")
 
 
-Announcement = AccessDelivered | AccessDeliveryFailed | KeyDeleted | RevokeCompleted
+Announcement = (
+    AccessDelivered | AccessDeliveryFailed | KeyDeleted | RevokeCompleted | AccessScheduled
+)
 
-Event = AccessGranted | AccessRevoked | KeyCleanup
+Event = AccessGranted | AccessRevoked | KeyCleanup | StayDelivery | StayEnd
 
 
 def literal(model: type[Model], field: str) -> object:
@@ -396,12 +483,16 @@ def _reason(exc: ValidationError) -> Reason:
 
 
 def event_key(event: Event) -> str:
-    """Identifier for logs: the event id, or the key id for cleanups."""
+    """Identifier for logs: the event id, the key id for cleanups, the reservation for stays."""
     match event:
         case AccessGranted() | AccessRevoked():
             return event.event_id
         case KeyCleanup():
             return event.instant_key_id
+        case StayDelivery():
+            return event.grant.event_id
+        case StayEnd():
+            return event.reservation_key
         case _:
             assert_never(event)
 
@@ -411,7 +502,7 @@ def occurred_at(event: Event) -> datetime | None:
     match event:
         case AccessGranted() | AccessRevoked():
             return event.occurred_at
-        case KeyCleanup():
+        case KeyCleanup() | StayDelivery() | StayEnd():
             return None
         case _:
             assert_never(event)

@@ -4,7 +4,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
@@ -20,6 +20,8 @@ from worker.events import (
     KeyDeleted,
     KnownIdentity,
     RevokeCompleted,
+    StayDelivery,
+    StayEnd,
 )
 from worker.guest_name import clean_name
 from worker.logs import mask_email, mask_phone
@@ -33,6 +35,7 @@ from worker.ports import (
     Seam,
     UserIdentity,
 )
+from worker.stays import DEFAULT_STAY_TIMES, ForStay, Stays, StayTimes
 
 log = logging.getLogger("worker.flows")
 
@@ -85,6 +88,13 @@ class Action(StrEnum):
     CLEANUP_RESCHEDULED = "cleanup_rescheduled"
     # Our own outcome event back from the alternate exchange (a topology without <ns>.unheard).
     UNHEARD = "unheard"
+    # Stays
+    SCHEDULED = "scheduled"  # recorded; its key is sent at deliver_at
+    STALE_REVISION = "stale_revision"  # a revision no higher than the one applied: nothing done
+    STALE_TIMER = "stale_timer"  # a stay's timer for a revision since replaced: dropped
+    STAY_ENDED = "stay_ended"  # checkout: its keys deleted (or, for a grant, too late to send)
+    ALREADY_HELD = "already_held"  # the guest holds a working key for the stay: not sent again
+    TIMER_RESCHEDULED = "timer_rescheduled"
 
 
 @dataclass
@@ -99,6 +109,7 @@ class Outcome:
     provider_message_id: str | None = None
     identity_id: str | None = None
     created: bool = False  # the grant created the identity in Seam
+    key: InstantKey | None = field(default=None, repr=False)  # the key delivered
 
 
 class Flows:
@@ -112,6 +123,7 @@ class Flows:
         *,
         min_key_lifetime: timedelta,
         revoke_retention: timedelta = timedelta(days=30),
+        stay_times: StayTimes = DEFAULT_STAY_TIMES,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.seam = seam
@@ -123,53 +135,64 @@ class Flows:
         self.revoke_retention = revoke_retention
         self.clock = clock
         self.locks = KeyedLocks()
+        self.stays = Stays(self, stay_times)
 
     async def grant(
         self, event: AccessGranted, still_held: Callable[[], bool] = lambda: True
     ) -> Outcome:
         """``still_held`` says whether the message is still ours to ack; when it is not, another
-        delivery of it will do the work, so nothing is sent."""
-        guest = event.user_identity
+        delivery of it will do the work, so nothing is sent. A grant with a stay is scheduled."""
         self._check_fresh(event)
         await self.fence.wait_caught_up()
-        names = identity_names(guest.user_identity_id, guest.user_identity_key)
-        if self._fenced(event, names):
+        if event.stay is not None:
+            return await self.stays.accept(event, still_held)
+        return await self.deliver(event, still_held)
+
+    async def stay_delivery(
+        self, timer: StayDelivery, still_held: Callable[[], bool] = lambda: True
+    ) -> Outcome:
+        return await self.stays.delivery_due(timer, still_held)
+
+    async def stay_end(self, timer: StayEnd) -> Outcome:
+        return await self.stays.end_due(timer)
+
+    async def deliver(
+        self, event: AccessGranted, still_held: Callable[[], bool], stay: ForStay | None = None
+    ) -> Outcome:
+        """Find or mint the identity's key and send it: a grant now, or a stay's at its time."""
+        guest = event.user_identity
+        names = self.names_of(guest) + ([f"res:{stay.reservation_key}"] if stay else [])
+        if self.fenced(event, names):
             return Outcome(Action.FENCED)
         # The whole grant holds the identity's lock: a revoke handled by this process waits for
         # it, and is never overtaken by it.
         async with self.locks.hold(guest.lock_key):
             identity, created = await self._resolve_or_create(event)
-            names += identity_names(identity.user_identity_id, identity.user_identity_key)
-            if self._fenced(event, names):
+            names += self.names_of(identity)
+            if self.fenced(event, names):
                 return Outcome(Action.FENCED)
-            key, minted = await self._fetch_or_create_key(identity.user_identity_id, event, created)
+            key, minted = await self._fetch_or_create_key(
+                identity.user_identity_id, event, created, stay.usable if stay else None
+            )
             # A revoke another replica recorded while we minted is seen now, before delivery.
-            if self._fenced(event, names):
+            if self.fenced(event, names):
                 if minted:
-                    await self._delete(key, "revoked")
+                    await self.delete(key, "revoked")
                 return Outcome(
                     Action.FENCED, key_id=key.instant_key_id, minted=minted, deleted=int(minted)
                 )
             # Recorded before it is sent: a key delivered for this grant outlives only revokes
             # that occurred before it (an unrecorded key is treated as revoked).
-            await self.fence.record_delivery(key.instant_key_id, event.occurred_at, key.expires_at)
-            message = _key_message(event, identity, key)
-            channel, sent_id = await self._deliver(message, event.delivery.channels, still_held)
-        await self.announcer.announce(
-            AccessDelivered(
-                occurred_at=self.clock(),
-                event_id=event.event_id,
-                grant_id=event.grant_id,
-                user_identity=KnownIdentity(
-                    user_identity_id=identity.user_identity_id,
-                    user_identity_key=identity.user_identity_key or guest.user_identity_key,
-                ),
-                instant_key_id=key.instant_key_id,
-                expires_at=key.expires_at,
-                channel=channel,
-                provider_message_id=sent_id,
-                minted=minted,
+            await self.fence.record_delivery(
+                key.instant_key_id,
+                event.occurred_at,
+                key.expires_at,
+                (stay.reservation_key, stay.contact) if stay else None,
             )
+            message = _key_message(event, identity, key, stay.reason if stay else "initial")
+            channel, sent_id = await self._send(message, event.delivery.channels, still_held)
+        await self.announcer.announce(
+            _delivered(event, identity, key, (channel, sent_id), minted, stay, self.clock())
         )
         return Outcome(
             Action.GRANTED,
@@ -179,7 +202,12 @@ class Flows:
             provider_message_id=sent_id,
             identity_id=identity.user_identity_id,
             created=created,
+            key=key,
         )
+
+    @staticmethod
+    def names_of(who: IdentityRef | UserIdentity) -> list[str]:
+        return identity_names(who.user_identity_id, who.user_identity_key)
 
     def _check_fresh(self, event: AccessGranted) -> None:
         if self.clock() - event.occurred_at > self.revoke_retention:
@@ -190,6 +218,8 @@ class Flows:
             )
 
     async def revoke(self, event: AccessRevoked) -> Outcome:
+        if event.reservation_key is not None:
+            return await self.stays.cancel(event)
         ref = event.user_identity
         names = identity_names(ref.user_identity_id, ref.user_identity_key)
         # Recorded before any Seam call: it fences at once, whatever Seam does.
@@ -197,7 +227,7 @@ class Flows:
         deleted: list[InstantKey] = []
         kept = 0
         async with self.locks.hold(ref.lock_key):
-            identity = await self._resolve(ref)
+            identity = await self.resolve(ref)
             if identity is not None:
                 known = identity_names(identity.user_identity_id, identity.user_identity_key)
                 if set(known) - set(names):
@@ -207,7 +237,7 @@ class Flows:
                 keys = await self.seam.list_instant_keys(identity.user_identity_id)
                 deleted = [key for key in keys if self._revoked_by(key, event)]
                 kept = len(keys) - len(deleted)
-                await self._each(deleted, lambda key: self._delete(key, "revoked"))
+                await self.each(deleted, lambda key: self.delete(key, "revoked", ref))
         await self.announcer.announce(
             RevokeCompleted(
                 occurred_at=self.clock(),
@@ -250,14 +280,14 @@ class Flows:
                 "the key belongs to another identity than the cleanup names",
                 reason=Reason.KEY_IDENTITY_MISMATCH,
             )
-        await self._delete(key, "expired")
+        await self.delete(key, "expired")
         return Outcome(Action.CLEANED_UP, key_id=event.instant_key_id, deleted=1)
 
-    def _fenced(self, event: AccessGranted, names: Iterable[str]) -> bool:
+    def fenced(self, event: AccessGranted, names: Iterable[str]) -> bool:
         revoked = self.fence.revoked_at(names)
         return revoked is not None and event.occurred_at <= revoked
 
-    async def _resolve(self, ref: IdentityRef) -> UserIdentity | None:
+    async def resolve(self, ref: IdentityRef) -> UserIdentity | None:
         if ref.user_identity_id:
             return await self.seam.get_user_identity(user_identity_id=ref.user_identity_id)
         return await self.seam.get_user_identity(user_identity_key=ref.user_identity_key)
@@ -265,7 +295,7 @@ class Flows:
     async def _resolve_or_create(self, event: AccessGranted) -> tuple[UserIdentity, bool]:
         """The identity, and whether we just created it (then it has no keys yet)."""
         guest = event.user_identity
-        identity = await self._resolve(guest)
+        identity = await self.resolve(guest)
         if identity is not None:
             return identity, False
         if guest.user_identity_id and not guest.user_identity_key:
@@ -315,13 +345,17 @@ class Flows:
         return identity
 
     async def _fetch_or_create_key(
-        self, user_identity_id: str, event: AccessGranted, created: bool
+        self,
+        user_identity_id: str,
+        event: AccessGranted,
+        created: bool,
+        worth: Callable[[InstantKey], bool] | None = None,
     ) -> tuple[InstantKey, bool]:
-        """The key to deliver, and whether we minted it. Every key this returns or leaves in
-        Seam has a confirmed cleanup timer."""
+        """The key to deliver, and whether we minted it (``worth``: which keys will do, for a
+        stay). Every key this returns or leaves in Seam has a confirmed cleanup timer."""
         # An identity we have just created has no keys: no need to ask.
         before = [] if created else await self.seam.list_instant_keys(user_identity_id)
-        usable = self._usable(before)
+        usable = [key for key in before if worth(key)] if worth else self._usable(before)
         if usable:
             kept = await self._converge(usable)
             # By id: comparing the keys themselves made this quadratic (1.3 s at 2,000 keys).
@@ -372,7 +406,7 @@ class Flows:
     async def _converge(self, keys: list[InstantKey]) -> InstantKey:
         """Keep the earliest created key (ties: smallest id) and delete the others."""
         keep, *extra = sorted(keys, key=lambda k: (k.created_at, k.instant_key_id))
-        await self._each(extra, lambda key: self._delete(key, "converged"))
+        await self.each(extra, lambda key: self.delete(key, "converged"))
         if extra:
             log.info(
                 "deleted duplicate instant keys",
@@ -380,13 +414,19 @@ class Flows:
             )
         return keep
 
-    async def _delete(self, key: InstantKey, why: DeletedWhy) -> None:
+    async def delete(
+        self, key: InstantKey, why: DeletedWhy, named: IdentityRef | None = None
+    ) -> None:
+        """Delete and announce it (``named``: how the event named the identity)."""
         await self.seam.delete_instant_key(key.instant_key_id)
         await self.announcer.announce(
             KeyDeleted(
                 occurred_at=self.clock(),
                 instant_key_id=key.instant_key_id,
-                user_identity=KnownIdentity(user_identity_id=key.user_identity_id),
+                user_identity=KnownIdentity(
+                    user_identity_id=key.user_identity_id,
+                    user_identity_key=named.user_identity_key if named else None,
+                ),
                 why=why,
             )
         )
@@ -394,7 +434,7 @@ class Flows:
     async def _schedule(self, keys: list[InstantKey]) -> None:
         now = self.clock()
         live = {key.instant_key_id: key for key in keys if key.expires_at > now}
-        await self._each(
+        await self.each(
             list(live.values()),
             lambda key: self.scheduler.schedule_cleanup(
                 key.instant_key_id, key.user_identity_id, key.expires_at
@@ -402,7 +442,7 @@ class Flows:
         )
 
     @staticmethod
-    async def _each(
+    async def each(
         keys: Sequence[InstantKey], call: Callable[[InstantKey], Awaitable[None]]
     ) -> None:
         """``call`` for every key, PARALLEL_CALLS at a time; raises the first failure."""
@@ -421,7 +461,7 @@ class Flows:
             if isinstance(result, BaseException):
                 raise result
 
-    async def _deliver(
+    async def _send(
         self, message: KeyMessage, order: Sequence[ChannelName], still_held: Callable[[], bool]
     ) -> tuple[ChannelName, str]:
         """The channel that took the message, and the provider's id for it."""
@@ -445,7 +485,37 @@ class Flows:
         raise Permanent("; ".join(refusals), reason=Reason.NO_CHANNEL_ACCEPTED)
 
 
-def _key_message(event: AccessGranted, identity: UserIdentity, key: InstantKey) -> KeyMessage:
+def _delivered(
+    event: AccessGranted,
+    identity: UserIdentity,
+    key: InstantKey,
+    sent: tuple[ChannelName, str],
+    minted: bool,
+    stay: ForStay | None,
+    now: datetime,
+) -> AccessDelivered:
+    return AccessDelivered(
+        occurred_at=now,
+        event_id=event.event_id,
+        grant_id=event.grant_id,
+        user_identity=KnownIdentity(
+            user_identity_id=identity.user_identity_id,
+            user_identity_key=identity.user_identity_key or event.user_identity.user_identity_key,
+        ),
+        instant_key_id=key.instant_key_id,
+        expires_at=key.expires_at,
+        channel=sent[0],
+        provider_message_id=sent[1],
+        minted=minted,
+        reservation_key=stay.reservation_key if stay else None,
+        revision=stay.revision if stay else None,
+        delivery_reason=stay.reason if stay else None,
+    )
+
+
+def _key_message(
+    event: AccessGranted, identity: UserIdentity, key: InstantKey, reason: str
+) -> KeyMessage:
     """What the guest is sent: the event's contact details first, then Seam's."""
     guest = event.user_identity
     return KeyMessage(
@@ -457,4 +527,5 @@ def _key_message(event: AccessGranted, identity: UserIdentity, key: InstantKey) 
         url=key.instant_key_url,
         time_zone=event.delivery.time_zone,
         property_name=event.delivery.property_name,
+        reason=reason,
     )

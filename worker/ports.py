@@ -4,9 +4,12 @@ the revocation fence."""
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from worker.events import Announcement
+from worker.events import Announcement, StayDelivery, StayEnd
+
+if TYPE_CHECKING:  # the record's module reads the broker's headers: not for the contract
+    from worker.record import Record, StayRecord
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class InstantKey:
 
 @dataclass(frozen=True)
 class KeyMessage:
-    """What a channel sends to a guest."""
+    """What a channel sends to a guest (``reason``: why, for a stay's renewal or change)."""
 
     full_name: str | None
     phone_number: str | None
@@ -40,6 +43,7 @@ class KeyMessage:
     url: str = field(repr=False)
     time_zone: str | None = None  # IANA; None: IKW_TIME_ZONE
     property_name: str | None = None  # None: IKW_PROPERTY_NAME
+    reason: str = "initial"  # "initial", "renewal" or "stay_changed"
 
 
 class Seam(Protocol):
@@ -102,11 +106,17 @@ class Scheduler(Protocol):
     ) -> None:
         """Durably schedule the key's deletion at ``expires_at`` (confirmed by the broker)."""
 
+    async def schedule_stay(self, timer: StayDelivery | StayEnd) -> None:
+        """Durably schedule a stay's timer for its ``due_at`` (confirmed by the broker)."""
+
 
 class Fence(Protocol):
     """The worker's record, as every replica follows it: revokes win over every grant that
     occurred before them; deliveries say which grant each key was last delivered for.
-    Identities are named ``key:<user_identity_key>`` or ``id:<user_identity_id>``."""
+    Identities are named ``key:<user_identity_key>`` or ``id:<user_identity_id>``, stays
+    ``res:<reservation_key>``. ``record`` is the state this replica has read."""
+
+    record: "Record"
 
     def revoked_at(self, names: Iterable[str]) -> datetime | None:
         """The latest revoke of any of ``names`` this replica has seen, if any."""
@@ -119,10 +129,17 @@ class Fence(Protocol):
         back: every delivery recorded before it is known here."""
 
     async def record_delivery(
-        self, instant_key_id: str, grant_at: datetime, expires_at: datetime
+        self,
+        instant_key_id: str,
+        grant_at: datetime,
+        expires_at: datetime,
+        stay: tuple[str, str] | None = None,
     ) -> None:
         """Durably record that the key is being delivered for a grant that occurred at
-        ``grant_at`` (confirmed), before it is sent."""
+        ``grant_at`` (confirmed), before it is sent; ``stay``: (reservation key, contact digest)."""
+
+    async def record_stay(self, stay: "StayRecord", reservation_key: str) -> None:
+        """Durably record a stay's revision, then read on until this replica has read it back."""
 
     async def wait_caught_up(self) -> None:
         """Until this replica has read every record written before it (re)connected; raises

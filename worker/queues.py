@@ -33,6 +33,16 @@ class Names:
         return f"{self.namespace}.cleanup"
 
     @property
+    def deliveries(self) -> str:
+        """Stays' keys due: first deliveries and renewals."""
+        return f"{self.namespace}.deliveries"
+
+    @property
+    def checkouts(self) -> str:
+        """Stays' ends due: their keys deleted."""
+        return f"{self.namespace}.checkouts"
+
+    @property
     def dead(self) -> str:
         return f"{self.namespace}.dead"
 

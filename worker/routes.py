@@ -7,7 +7,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import assert_never
 
-from worker.events import AccessGranted, AccessRevoked, Event, KeyCleanup, literal
+from worker.events import (
+    AccessGranted,
+    AccessRevoked,
+    Event,
+    KeyCleanup,
+    StayDelivery,
+    StayEnd,
+    literal,
+)
 from worker.flows import Flows, Outcome
 
 
@@ -40,6 +48,9 @@ ROUTES = (
     Route(AccessGranted, "grants", public=True, announces_failure=True),
     Route(AccessRevoked, "revocations", public=True, patient=True),
     Route(KeyCleanup, "cleanup", public=False, patient=True),
+    # A stay's key due (first delivery or renewal): a grant's work, at its time.
+    Route(StayDelivery, "deliveries", public=False, announces_failure=True),
+    Route(StayEnd, "checkouts", public=False, patient=True),
 )
 
 
@@ -52,5 +63,9 @@ async def handle(flows: Flows, event: Event, still_held: Callable[[], bool]) -> 
             return await flows.revoke(event)
         case KeyCleanup():
             return await flows.cleanup(event)
+        case StayDelivery():
+            return await flows.stay_delivery(event, still_held)
+        case StayEnd():
+            return await flows.stay_end(event)
         case _:
             assert_never(event)

@@ -31,6 +31,7 @@ from worker.metrics import Metrics
 from worker.ports import Channel
 from worker.queues import Names
 from worker.seam import SeamClient
+from worker.stays import StayTimes
 
 log = logging.getLogger("worker.service")
 
@@ -208,6 +209,11 @@ class Service:
             publisher,
             min_key_lifetime=self.settings.min_key_lifetime,
             revoke_retention=self.settings.revoke_retention,
+            stay_times=StayTimes(
+                delivery_lead=self.settings.delivery_lead,
+                checkout_grace=self.settings.checkout_grace,
+                renew_before=self.settings.renew_before,
+            ),
         )
         return Consumer(
             consuming,

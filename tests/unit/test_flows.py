@@ -19,10 +19,13 @@ from worker.events import (
     KeyCleanup,
     KeyDeleted,
     RevokeCompleted,
+    StayDelivery,
+    StayEnd,
     parse,
 )
 from worker.flows import Action, Flows
 from worker.ports import InstantKey, KeyMessage, UserIdentity
+from worker.record import Record, StayRecord, millis
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -98,6 +101,7 @@ class Recorder:
 class Scheduled:
     def __init__(self) -> None:
         self.keys: list[str] = []
+        self.timers: list[StayDelivery | StayEnd] = []
         self.fail = False
         self.one = asyncio.Event()
 
@@ -107,24 +111,36 @@ class Scheduled:
         self.keys.append(instant_key_id)
         self.one.set()
 
+    async def schedule_stay(self, timer: StayDelivery | StayEnd) -> None:
+        self.timers.append(timer)
+
 
 class MemoryFence:
+    """The record without its stream: entries applied at once."""
+
     def __init__(self) -> None:
-        self.revoked: dict[str, datetime] = {}
-        self.delivered: dict[str, datetime] = {}
+        self.record = Record(timedelta(days=30), lambda: datetime.now(UTC))
 
     def revoked_at(self, names: Iterable[str]) -> datetime | None:
-        return max((self.revoked[n] for n in names if n in self.revoked), default=None)
+        return self.record.revoked_at(names)
 
     def delivered_for(self, instant_key_id: str) -> datetime | None:
-        return self.delivered.get(instant_key_id)
+        return self.record.delivered_for(instant_key_id)
 
     async def record_revoke(self, names: Iterable[str], occurred_at: datetime) -> None:
-        for name in names:
-            self.revoked[name] = max(occurred_at, self.revoked.get(name, occurred_at))
+        self.record.apply({"t": "revoke", "names": list(names), "at": millis(occurred_at, up=True)})
 
-    async def record_delivery(self, instant_key_id: str, grant_at: datetime, _: datetime) -> None:
-        self.delivered[instant_key_id] = max(grant_at, self.delivered.get(instant_key_id, grant_at))
+    async def record_delivery(
+        self, instant_key_id: str, grant_at: datetime, expires_at: datetime, stay: Any = None
+    ) -> None:
+        reservation, contact = stay or (None, None)
+        entry = {"t": "delivered", "key": instant_key_id, "grant_at": millis(grant_at)}
+        self.record.apply(
+            entry | {"expires_at": millis(expires_at), "r": reservation, "c": contact}
+        )
+
+    async def record_stay(self, stay: StayRecord, reservation_key: str) -> None:
+        self.record.apply({"t": "stay", "many": {reservation_key: list(stay)}})
 
     async def wait_caught_up(self) -> None:
         pass
@@ -289,7 +305,7 @@ async def test_a_revoke_recorded_while_minting_deletes_the_minted_key() -> None:
     sms = Recorder("sms")
     flow, _ = flows(seam, sms, fence=fence)
     # Another replica records a revoke, by id, while we generate.
-    seam.on_generate.append(lambda: fence.revoked.update({"id:ui-1": NOW}))
+    seam.on_generate.append(lambda: fence.record.revoked.update({"id:ui-1": millis(NOW)}))
     outcome = await flow.grant(event(NOW - timedelta(minutes=5)))
     assert (outcome.action, outcome.minted, outcome.deleted) == (Action.FENCED, True, 1)
     assert (sms.sent, seam.keys) == ([], {})
@@ -324,7 +340,7 @@ async def test_a_revoke_is_recorded_by_key_and_id_then_deletes_every_key() -> No
     flow, _ = flows(seam, fence=fence)
     outcome = await flow.revoke(revoked_at(NOW))
     assert (outcome.action, outcome.deleted, seam.keys) == (Action.REVOKED, 3, {})
-    assert fence.revoked == {"key:guest-1": NOW, "id:ui-1": NOW}
+    assert fence.record.revoked == {"key:guest-1": millis(NOW), "id:ui-1": millis(NOW)}
 
 
 async def test_a_revoke_is_recorded_before_seam_answers() -> None:
@@ -337,16 +353,16 @@ async def test_a_revoke_is_recorded_before_seam_answers() -> None:
     flow, _ = flows(seam, fence=fence)
     with pytest.raises(Transient):
         await flow.revoke(revoked_at(NOW))
-    assert fence.revoked == {"key:guest-1": NOW}
+    assert fence.record.revoked == {"key:guest-1": millis(NOW)}
 
 
 async def test_a_revoke_deletes_keys_of_earlier_or_unknown_grants_and_says_so() -> None:
     seam, fence, heard = MemorySeam(), MemoryFence(), Heard()
     earlier, later, unknown = (seam.add_key(timedelta(hours=3)) for _ in range(3))
-    fence.delivered = {
-        earlier.instant_key_id: NOW - timedelta(hours=2),
-        later.instant_key_id: NOW,
-    }
+    await fence.record_delivery(
+        earlier.instant_key_id, NOW - timedelta(hours=2), earlier.expires_at
+    )
+    await fence.record_delivery(later.instant_key_id, NOW, later.expires_at)
     flow, _ = flows(seam, fence=fence, heard=heard)
     revoke_event = revoked_at(NOW - timedelta(hours=1))
     outcome = await flow.revoke(revoke_event)
@@ -370,14 +386,16 @@ async def test_a_key_is_recorded_as_delivered_for_its_grant_before_it_is_sent() 
 
     class Checking(Recorder):
         async def send(self, message: KeyMessage) -> str:
-            recorded.append(bool(fence.delivered))
+            recorded.append(bool(fence.record.delivered))
             return await super().send(message)
 
     flow, _ = flows(seam, Checking("sms"), fence=fence)
     grant_event = event(NOW - timedelta(minutes=3))
     outcome = await flow.grant(grant_event)
     assert recorded == [True]
-    assert fence.delivered == {outcome.key_id: grant_event.occurred_at}
+    assert outcome.key_id is not None
+    assert list(fence.record.delivered) == [outcome.key_id]
+    assert fence.delivered_for(outcome.key_id) == grant_event.occurred_at
 
 
 def cleanup(key_id: str, identity: str = "ui-1") -> KeyCleanup:

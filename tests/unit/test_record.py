@@ -28,8 +28,8 @@ def entries() -> list[dict[str, Any]]:
     ]
 
 
-def state(r: Record) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
-    return r.revoked, r.delivered
+def state(r: Record) -> tuple[object, ...]:
+    return r.revoked, r.delivered, r.stays
 
 
 def test_entries_merge_to_the_same_state_in_any_order_and_twice() -> None:

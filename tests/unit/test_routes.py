@@ -14,14 +14,22 @@ def test_every_event_type_has_one_route_and_one_queue() -> None:
     assert sorted(r.model.__name__ for r in ROUTES) == sorted(m.__name__ for m in get_args(Event))
     assert {(r.type, r.version) for r in ROUTES} == set(MODELS)
     names = Names("ns")
-    assert list(names.takes) == ["ns.grants", "ns.revocations", "ns.cleanup"]
+    assert list(names.takes) == [
+        "ns.grants",
+        "ns.revocations",
+        "ns.cleanup",
+        "ns.deliveries",
+        "ns.checkouts",
+    ]
     assert names.work_queues == {
         "ns.grants": "access.granted",
         "ns.revocations": "access.revoked",
         "ns.cleanup": None,
+        "ns.deliveries": None,
+        "ns.checkouts": None,
     }
     patient = [names.queue(route) for route in ROUTES if route.patient]
-    assert patient == [names.revocations, names.cleanup]
+    assert patient == [names.revocations, names.cleanup, names.checkouts]
 
 
 def test_every_reason_has_a_one_line_description() -> None:

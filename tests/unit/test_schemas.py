@@ -24,6 +24,7 @@ def test_asyncapi_names_the_exchange_and_routing_keys() -> None:
         "{producer}.access.delivery_failed",
         "{producer}.instant_key.deleted",
         "{producer}.access.revoke_completed",
+        "{producer}.access.scheduled",
     }
     actions = {
         op["channel"]["$ref"].rsplit("/", 1)[1]: op["action"] for op in doc["operations"].values()

@@ -17,6 +17,8 @@ from worker.events import (
     Event,
     IdentityRef,
     KeyCleanup,
+    StayDelivery,
+    StayEnd,
     occurred_at,
 )
 from worker.routes import Route
@@ -195,7 +197,7 @@ def check_event(route: Route, event: Event, producer: str | None, trust: Trust) 
     match event:
         case AccessGranted() | AccessRevoked():
             _check_scope(event.user_identity, producer, trust)
-        case KeyCleanup():
+        case KeyCleanup() | StayDelivery() | StayEnd():
             pass  # the worker's own
         case _:
             assert_never(event)

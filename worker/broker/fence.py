@@ -26,7 +26,7 @@ from worker.broker.connect import BROKER_ERRORS
 from worker.broker.publisher import Publisher
 from worker.errors import Transient
 from worker.queues import Names
-from worker.record import Apply, Dump, Entry, Record, millis
+from worker.record import Apply, Dump, Entry, Record, StayRecord, millis
 
 log = logging.getLogger("worker.fence")
 
@@ -107,14 +107,26 @@ class StreamFence:
         await self.append(entry, read_back=True)
 
     async def record_delivery(
-        self, instant_key_id: str, grant_at: datetime, expires_at: datetime
+        self,
+        instant_key_id: str,
+        grant_at: datetime,
+        expires_at: datetime,
+        stay: tuple[str, str] | None = None,
     ) -> None:
         known = self.record.delivered.get(instant_key_id)
         grant_ms, expires_ms = millis(grant_at), millis(expires_at)
-        if known is not None and known[0] >= grant_ms and known[1] >= expires_ms:
+        reservation, contact = stay or (None, None)
+        if known == (grant_ms, expires_ms, reservation, contact):
             return  # already recorded (a redelivered grant)
         entry = {"t": "delivered", "key": instant_key_id, "grant_at": grant_ms}
-        await self.append(entry | {"expires_at": expires_ms})
+        extra = {"r": reservation, "c": contact} if stay else {}
+        await self.append(entry | {"expires_at": expires_ms} | extra)
+
+    async def record_stay(self, stay: StayRecord, reservation_key: str) -> None:
+        entry = {"t": "stay", "r": reservation_key, "rev": stay.revision}
+        entry |= {"grant_at": stay.grant_at, "event": stay.event_id, "names": list(stay.names)}
+        entry |= {"deliver": stay.deliver_at, "start": stay.starts_at, "end": stay.ends_at}
+        await self.append(entry, read_back=True)
 
     async def wait_caught_up(self) -> None:
         if self.caught_up.is_set():

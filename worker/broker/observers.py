@@ -13,7 +13,15 @@ from opentelemetry.trace import SpanKind, Tracer
 from worker import tracing
 from worker.broker.decision import DeadLetter, Retry, Settled
 from worker.broker.settle import Handling, printable
-from worker.events import AccessGranted, AccessRevoked, Event, KeyCleanup, occurred_at
+from worker.events import (
+    AccessGranted,
+    AccessRevoked,
+    Event,
+    KeyCleanup,
+    StayDelivery,
+    StayEnd,
+    occurred_at,
+)
 from worker.flows import Action, Outcome
 from worker.metrics import Metrics
 
@@ -152,6 +160,10 @@ def _event_attributes(event: Event) -> dict[str, str]:
             }
         case KeyCleanup():
             return {"ikw.event_type": event.type, "ikw.instant_key_id": event.instant_key_id}
+        case StayDelivery():
+            return _event_attributes(event.grant) | {"ikw.event_type": event.type}
+        case StayEnd():
+            return {"ikw.event_type": event.type, "ikw.reservation_key": event.reservation_key}
         case _:
             assert_never(event)
 

@@ -17,7 +17,7 @@ from opentelemetry.trace import SpanKind, Tracer
 from worker import tracing
 from worker.broker import headers as bookkeeping
 from worker.broker.connect import BROKER_ERRORS
-from worker.events import Announcement, KeyCleanup
+from worker.events import Announcement, KeyCleanup, StayDelivery, StayEnd
 from worker.queues import LEVELS, PRODUCER, Names
 
 log = logging.getLogger("worker.publisher")
@@ -184,16 +184,18 @@ class Publisher:
             user_identity_id=user_identity_id,
             expires_at=expires_at,
         ).model_dump_json()
-        seconds = (expires_at - datetime.now(UTC)).total_seconds()
-        # The grant's producer hears of the key's deletion ("": nobody).
+        await self._timer(self.names.cleanup, body, expires_at, f"cleanup-{instant_key_id}")
+
+    async def schedule_stay(self, timer: StayDelivery | StayEnd) -> None:
+        queue = self.names.deliveries if isinstance(timer, StayDelivery) else self.names.checkouts
+        await self._timer(queue, timer.model_dump_json(), timer.due_at, str(uuid.uuid4()))
+
+    async def _timer(self, queue: str, body: str, due_at: datetime, message_id: str) -> None:
+        """``body`` to ``queue`` at ``due_at``, carrying the producer of the message being
+        handled, who hears what it does ("": nobody)."""
+        seconds = (due_at - datetime.now(UTC)).total_seconds()
         producer = bookkeeping.write(bookkeeping.Bookkeeping(publisher=announce_to.get() or ""))
-        await self.delayed(
-            self.names.cleanup,
-            body.encode(),
-            seconds,
-            message_id=f"cleanup-{instant_key_id}",
-            headers=producer,
-        )
+        await self.delayed(queue, body.encode(), seconds, message_id=message_id, headers=producer)
 
     async def announce(self, outcome: Announcement) -> None:
         """An outcome event on ``<ns>.outcomes``, routing key ``<producer>.<type>``, for the

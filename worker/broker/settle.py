@@ -43,6 +43,7 @@ from worker.events import (
     AccessGranted,
     Event,
     KnownIdentity,
+    StayDelivery,
     event_key,
 )
 from worker.flows import Outcome
@@ -127,6 +128,8 @@ def delivery_failed(h: Handling, route: Route | None) -> AccessDeliveryFailed | 
     event, dead = h.event, h.decided
     if route is None or not route.announces_failure or not isinstance(dead, DeadLetter):
         return None
+    if isinstance(event, StayDelivery):
+        event = event.grant
     if not isinstance(event, AccessGranted):
         return None
     return AccessDeliveryFailed(
