@@ -97,6 +97,18 @@ class Action(StrEnum):
     TIMER_RESCHEDULED = "timer_rescheduled"
 
 
+# Counted in ikw_stays_total by what happened.
+STAY_ACTIONS = frozenset(
+    {
+        Action.SCHEDULED,
+        Action.STALE_REVISION,
+        Action.STALE_TIMER,
+        Action.STAY_ENDED,
+        Action.ALREADY_HELD,
+    }
+)
+
+
 @dataclass
 class Outcome:
     """What a handled event did, for logs and metrics."""

@@ -47,6 +47,8 @@ class Metrics:
         self.keys = Counter(
             "ikw_instant_keys", "Instant Keys minted, reused and deleted", ["action"], registry=r
         )
+        what = "scheduled, stale_revision, stale_timer, stay_ended, already_held"
+        self.stays = Counter("ikw_stays", f"Stay events: {what}", ["what"], registry=r)
         self.seconds = Histogram(
             "ikw_handle_seconds", "Time to handle one message", ["queue"], registry=r
         )

@@ -22,7 +22,7 @@ from worker.events import (
     StayEnd,
     occurred_at,
 )
-from worker.flows import Action, Outcome
+from worker.flows import STAY_ACTIONS, Action, Outcome
 from worker.metrics import Metrics
 
 log = logging.getLogger("worker.consumer")
@@ -132,6 +132,8 @@ class Measures(Observer):
                 if h.outcome.channel:
                     metrics.deliveries.labels(h.outcome.channel).inc()
             metrics.keys.labels("deleted").inc(h.outcome.deleted)
+            if h.outcome.action in STAY_ACTIONS:
+                metrics.stays.labels(h.outcome.action).inc()
         metrics.messages.labels(h.queue, h.settled).inc()
 
 
