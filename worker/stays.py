@@ -113,7 +113,7 @@ class Stays:
         )
         current = self.record.stays.get(stay.reservation_key)
         if current is not None:
-            self._check_identity(current, names, stay.reservation_key)
+            await self._check_identity(current, guest)
             if current[:3] != new[:3] and current.revision >= new.revision:
                 log.info(
                     "stale revision: changed nothing",
@@ -155,9 +155,14 @@ class Stays:
             )
         )
 
-    @staticmethod
-    def _check_identity(current: StayRecord, names: list[str], reservation_key: str) -> None:
-        if not set(current.names) & set(names):
+    async def _check_identity(self, current: StayRecord, ref: IdentityRef) -> None:
+        """The reservation is recorded for the identity the event names (by its key or id;
+        Seam says which id a key has when the record named it the other way)."""
+        names = set(self.flows.names_of(ref))
+        if names & set(current.names):
+            return
+        identity = await self.flows.resolve(ref)
+        if identity is None or not set(self.flows.names_of(identity)) & set(current.names):
             raise Permanent(
                 "the reservation_key is recorded for another identity",
                 reason=Reason.RESERVATION_IDENTITY_MISMATCH,
@@ -224,6 +229,13 @@ class Stays:
         contact = contact_digest(event)
         held, before = await self._held(event, stay.reservation_key, contact)
         if held is not None:
+            # Kept for this grant now: a revoke between the two revisions leaves it.
+            await self.flows.fence.record_delivery(
+                held.instant_key_id,
+                event.occurred_at,
+                held.expires_at,
+                (stay.reservation_key, contact),
+            )
             await self._schedule_renewal(event, held)
             return Outcome(Action.ALREADY_HELD, key_id=held.instant_key_id)
         why = reason if reason == "renewal" or not before else "stay_changed"
@@ -282,8 +294,7 @@ class Stays:
         ref = event.user_identity
         current = self.record.stays.get(event.reservation_key)
         if current is not None:
-            names = self.flows.names_of(ref)
-            self._check_identity(current, names, event.reservation_key)
+            await self._check_identity(current, ref)
         await self.flows.fence.record_revoke(
             [reservation_name(event.reservation_key)], event.occurred_at
         )
@@ -324,7 +335,7 @@ class Stays:
                 )
                 return 0, len(keys), identity.user_identity_id
             doomed = [key for key in keys if self._for_a_stay(key, before)]
-            await self.flows.each(doomed, lambda key: self.flows.delete(key, why))
+            await self.flows.each(doomed, lambda key: self.flows.delete(key, why, ref))
         return len(doomed), len(keys) - len(doomed), identity.user_identity_id
 
     def _covered(self, names: list[str], ending: str) -> bool:

@@ -25,6 +25,7 @@ KINDS = (
     "access.delivery_failed",
     "instant_key.deleted",
     "access.revoke_completed",
+    "access.scheduled",
 )
 
 
@@ -215,3 +216,51 @@ async def test_a_worker_that_may_not_declare_needs_the_outcomes_exchange(
     assert str(refused.value) == (
         f"exchange {names.outcomes} does not exist: run `ikw topology` first"
     )
+
+
+async def test_a_stay_is_heard_scheduled_delivered_and_deleted_at_checkout(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, listener: Listener
+) -> None:
+    await start_worker(IKW_CHECKOUT_GRACE="1s")
+    now = datetime.now(UTC).timestamp()
+
+    def at(seconds: float) -> str:
+        return datetime.fromtimestamp(now + seconds, UTC).isoformat()
+
+    stay = {"reservation_key": "res-48213", "starts_at": at(4), "ends_at": at(6)}
+    event = grant("guest-stay") | {"stay": stay | {"deliver_at": at(2), "revision": 3}}
+    await publish(event)
+    await wait_for(lambda: listener.of("instant_key.deleted"), 25, "the checkout")
+
+    [scheduled] = listener.of("access.scheduled")
+    assert (scheduled["event_id"], scheduled["reservation_key"]) == (event["event_id"], "res-48213")
+    assert scheduled["revision"] == 3
+    assert datetime.fromisoformat(scheduled["deliver_at"]).timestamp() == pytest.approx(now + 2)
+    [delivered] = listener.of("access.delivered")
+    assert (delivered["reservation_key"], delivered["revision"]) == ("res-48213", 3)
+    assert delivered["delivery_reason"] == "initial"
+    [deleted] = listener.of("instant_key.deleted")
+    assert deleted["why"] == "stay_ended"
+    assert deleted["instant_key_id"] == delivered["instant_key_id"]
+    no_secrets(listener, sandbox)
+
+
+async def test_a_cancelled_stay_says_why_its_key_was_deleted(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, listener: Listener
+) -> None:
+    await start_worker()
+    now = datetime.now(UTC).timestamp()
+    stay = {
+        "reservation_key": "res-9",
+        "starts_at": datetime.fromtimestamp(now, UTC).isoformat(),
+        "ends_at": datetime.fromtimestamp(now + 600, UTC).isoformat(),
+    }
+    await publish(grant("guest-no-show") | {"stay": stay})
+    await wait_for(lambda: listener.of("access.delivered"), 15, "access.delivered")
+    await publish(revoke("guest-no-show") | {"reservation_key": "res-9", "reason": "no_show"})
+    await wait_for(lambda: listener.of("access.revoke_completed"), 15, "the revoke's end")
+    [deleted] = listener.of("instant_key.deleted")
+    assert deleted["why"] == "no_show"
+    assert deleted["user_identity"]["user_identity_key"] == "guest-no-show"
+    [completed] = listener.of("access.revoke_completed")
+    assert (completed["deleted"], completed["kept"]) == (1, 0)

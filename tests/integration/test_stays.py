@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tests.builders import grant, revoke
-from tests.helpers import Publish, StartWorker, dead_lettered, drain, settled
+from tests.helpers import Publish, StartWorker, dead_lettered, dead_letters, drain, settled
 from worker.broker.topology import Names
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
@@ -222,3 +222,19 @@ async def test_a_stay_that_has_ended_gets_stay_ended_and_no_dead_letter(
     await wait_for(lambda: stays(service, "stay_ended") == 1, 15, "stay_ended")
     assert sandbox.twilio.outbox == [] and sandbox.seam.issued == []
     assert await drain(amqp, names.dead) == []
+
+
+async def test_a_reservation_of_another_identity_is_refused(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names, amqp: Any
+) -> None:
+    service = await start_worker()
+    booking = reservation()
+    await publish(stay_grant("g-owner", booking, starts=60, ends=600, deliver=50))
+    await wait_for(lambda: stays(service, "scheduled") == 1, 15, "the stay to be scheduled")
+    await publish(stay_grant("g-intruder", booking, starts=0, ends=600, revision=5))
+    [dead] = await dead_letters(amqp, names, 1)
+    assert dead.headers["x-ikw-reason"] == "reservation_identity_mismatch"
+    await publish(cancel("g-intruder", booking))
+    [dead] = await dead_letters(amqp, names, 1)
+    assert dead.headers["x-ikw-reason"] == "reservation_identity_mismatch"
+    assert sandbox.twilio.outbox == []

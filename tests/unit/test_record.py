@@ -25,7 +25,26 @@ def entries() -> list[dict[str, Any]]:
         {"t": "delivered", "key": "k1", "grant_at": now - HOUR, "expires_at": now + HOUR},
         {"t": "delivered", "key": "k1", "grant_at": now - 2 * HOUR, "expires_at": now + HOUR},
         {"t": "delivered", "key": "k2", "grant_at": now, "expires_at": now + 2 * HOUR},
+        {"t": "delivered", "key": "k3", "grant_at": now, "expires_at": now + HOUR, "r": "res-1"},
+        stay("res-1", 0, now - HOUR),
+        stay("res-1", 2, now - 2 * HOUR),  # the higher revision wins, whatever its time
+        stay("res-1", 1, now),
     ]
+
+
+def stay(reservation: str, revision: int, grant_at: int, ends_in: int = 48) -> dict[str, Any]:
+    now = millis(NOW)
+    return {
+        "t": "stay",
+        "r": reservation,
+        "rev": revision,
+        "grant_at": grant_at,
+        "event": f"e-{revision}",
+        "names": ["key:a", f"res:{reservation}"],
+        "deliver": now,
+        "start": now,
+        "end": now + ends_in * HOUR,
+    }
 
 
 def state(r: Record) -> tuple[object, ...]:
@@ -43,6 +62,8 @@ def test_entries_merge_to_the_same_state_in_any_order_and_twice() -> None:
     assert state(one) == state(other)
     assert one.revoked_at(["key:a"]) == NOW and one.revoked_at(["id:2"]) is None
     assert one.delivered_for("k1") == NOW - timedelta(hours=1)  # the latest grant delivered for
+    assert one.stays["res-1"].revision == 2 and one.delivered["k3"].reservation == "res-1"
+    assert list(one.stays_of(["key:a"])) == ["res-1"] and one.stays_of(["key:b"]) == {}
 
 
 def test_a_snapshot_rebuilds_the_state_in_parts_of_bounded_size() -> None:
@@ -68,6 +89,19 @@ def test_the_retention_drops_old_revokes_and_expired_deliveries() -> None:
     r.prune()
     assert (list(r.revoked), r.delivered) == (["key:new"], {})
     assert r.memory() > 0
+
+
+def test_a_revoke_is_kept_past_the_retention_while_a_stay_it_ends_is_kept() -> None:
+    r = record()
+    old = (NOW - timedelta(days=40)).isoformat()
+    r.apply(stay("res-9", 0, millis(NOW - timedelta(days=41)), ends_in=24 * 20))
+    r.apply({"t": "revoke", "names": ["res:res-9"], "occurred_at": old})
+    r.apply({"t": "revoke", "names": ["key:other"], "occurred_at": old})
+    r.prune()
+    assert list(r.revoked) == ["res:res-9"]  # a booking 60 days ahead stays cancelled
+    assert not r.live(r.stays["res-9"])
+    r.apply(stay("res-9", 1, millis(NOW)))  # rebooked after the cancellation
+    assert r.live(r.stays["res-9"])
 
 
 def test_a_revoke_never_rounds_to_before_a_grant_it_followed() -> None:
