@@ -8,6 +8,7 @@ from typing import Any
 from worker.events import (
     AccessDelivered,
     AccessDeliveryFailed,
+    AccessRejected,
     KeyDeleted,
     Model,
     RevokeCompleted,
@@ -19,6 +20,7 @@ PUBLIC: dict[str, type[Model]] = {route.schema: route.model for route in ROUTES 
 OUTCOMES: dict[str, type[Model]] = {
     "access.delivered.v1": AccessDelivered,
     "access.delivery_failed.v1": AccessDeliveryFailed,
+    "access.rejected.v1": AccessRejected,
     "instant_key.deleted.v1": KeyDeleted,
     "access.revoke_completed.v1": RevokeCompleted,
 }
