@@ -86,18 +86,22 @@ async def test_the_python_producer_grants_revokes_and_hears_both(
 
 @pytest.fixture(scope="module")
 def node() -> str:
-    """node, with the example's locked dependencies installed (npm ci, once)."""
+    """node, with the example's locked dependencies installed (npm ci, again when the lock
+    changed)."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("needs node and npm on PATH")
-    if not (NODE / "node_modules" / "amqplib").is_dir():
-        subprocess.run(
+    installed = NODE / "node_modules" / ".package-lock.json"
+    lock = NODE / "package-lock.json"
+    if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
+        done = subprocess.run(
             [npm, "ci", "--no-audit", "--no-fund"],
             cwd=NODE,
-            check=True,
             capture_output=True,
+            text=True,
             timeout=300,
         )
+        assert done.returncode == 0, f"npm ci in {NODE}: {done.stderr[-2000:]}"
     return node
 
 
