@@ -27,9 +27,10 @@ test: install  ## unit and integration tests (needs RabbitMQ on 127.0.0.1:5672)
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check worker tests bench
-	$(BIN)/ruff format --check worker tests bench
+	$(BIN)/ruff check worker tests bench examples
+	$(BIN)/ruff format --check worker tests bench examples
 	$(BIN)/mypy
+	$(BIN)/mypy --strict examples/producers/python/producer.py
 
 schemas: install  ## re-export schemas/ from the models
 	$(BIN)/ikw schema --out schemas

@@ -3,10 +3,14 @@ helpers that read queues and metrics."""
 
 import asyncio
 import os
+import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 import aio_pika
 
@@ -18,6 +22,7 @@ from worker.service import Service
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 BROKER_USER = config.Settings(amqp_url=AMQP_URL).broker_user
 IKW = [sys.executable, "-m", "worker.cli"]  # `ikw` as a process of its own
+USER_PASSWORD = uuid.uuid4().hex  # of the broker users tests make
 
 # The types of the fixtures of tests/integration/conftest.py.
 Connection: TypeAlias = aio_pika.abc.AbstractRobustConnection
@@ -98,3 +103,31 @@ class WorkerProcess:
     async def exit_code(self, within: float = 30) -> int:
         assert self.process is not None
         return await asyncio.wait_for(self.process.wait(), within)
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextmanager
+def broker_users(*roles: str) -> Iterator[dict[str, str]]:
+    """A broker user per role (role -> ``<role>_<run>``), password USER_PASSWORD, with broad
+    rights (the worker's refusals are under test, not the broker's); removed after, even when the
+    test fails."""
+    run = uuid.uuid4().hex[:8]
+    made = {role: f"{role}_{run}" for role in roles}
+    try:
+        for user in made.values():
+            rabbitmqctl("add_user", user, USER_PASSWORD)
+            rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+        yield made
+    finally:
+        for user in made.values():
+            subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True)
+
+
+def user_url(user: str) -> str:
+    """AMQP_URL as one of the users ``broker_users`` made."""
+    parts = urlsplit(AMQP_URL)
+    netloc = f"{user}:{USER_PASSWORD}@{parts.hostname}:{parts.port}"
+    return parts._replace(netloc=netloc).geturl()

@@ -317,8 +317,27 @@ class RevokeCompleted(OutcomeBase):
     kept: int = Field(description="Instant Keys left: delivered for grants that occurred later")
 
 
+class AccessRejected(OutcomeBase):
+    """Published by the worker when it refused one of your events for good (not JSON, failing its
+    schema, a routing key no queue takes, a check such as the clock's) and did nothing for it;
+    a grant that was read and then failed is access.delivery_failed instead."""
+
+    model_config = ConfigDict(title="access.rejected v1")
+    type: Literal["access.rejected"] = "access.rejected"
+    event_id: str | None = Field(description="As read from the body; null when unreadable")
+    grant_id: str | None = Field(description="As read from the body; null when unreadable")
+    event_type: str | None = Field(description="The body's type, e.g. access.granted; or null")
+    reason: str = Field(description="The dead letter's x-ikw-reason, e.g. invalid_event")
+    error: str = Field(description="One line; never a link or a contact")
+
+
 Announcement = (
-    AccessDelivered | AccessDeliveryFailed | KeyDeleted | RevokeCompleted | AccessScheduled
+    AccessDelivered
+    | AccessDeliveryFailed
+    | AccessRejected
+    | KeyDeleted
+    | RevokeCompleted
+    | AccessScheduled
 )
 
 Event = AccessGranted | AccessRevoked | KeyCleanup | StayDelivery | StayEnd
@@ -447,6 +466,26 @@ def parse(body: bytes, content_type: str | None, content_encoding: str | None = 
     except ValidationError as exc:
         raise InvalidEvent(describe(exc), reason=_reason(exc)) from None
     return event
+
+
+def glimpse(body: bytes) -> dict[str, str | None]:
+    """What a refused body says of itself, best effort: its ``event_id``, ``grant_id`` and
+    ``type`` where each is a short printable string, else None. Bodies over the limit are not
+    read."""
+    data: object = None
+    if len(body) <= MAX_BODY_BYTES:
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            pass
+    found = data if isinstance(data, dict) else {}
+    return {name: _short(found.get(name)) for name in ("event_id", "grant_id", "type")}
+
+
+def _short(value: object) -> str | None:
+    if isinstance(value, str) and 0 < len(value) <= 255 and value.isprintable():
+        return value
+    return None
 
 
 def _is_json(content_type: str | None) -> bool:

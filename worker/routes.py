@@ -1,5 +1,5 @@
 """The events the worker takes, one row each: type and version (from the model), work queue, who
-may publish it, and whether a dead letter of it is announced to its producer. Adding an event
+may publish it, and whether its dead letter is announced as a failed delivery. Adding an event
 type: its model (in ``events.Event``), a row here, a flow method called from ``handle``; mypy
 then names each other ``match`` that must handle it (the trust checks, ``events.event_key``)."""
 
@@ -24,7 +24,8 @@ class Route:
     model: type[Event]
     queue: str  # the work queue: <namespace>.<queue>
     public: bool  # producers publish it, routing key its type; else only the worker does
-    announces_failure: bool = False  # dead-lettered: access.delivery_failed to its producer
+    # Dead-lettered once read: access.delivery_failed to its producer (else access.rejected).
+    announces_failure: bool = False
     # Retried for as long as Seam is away, never dead-lettered for it: a key must not outlive it.
     patient: bool = False
 

@@ -11,7 +11,15 @@ import aio_pika
 import pytest
 
 from tests.builders import grant, revoke
-from tests.helpers import BROKER_USER, Publish, StartWorker, drain
+from tests.helpers import (
+    BROKER_USER,
+    Publish,
+    StartWorker,
+    broker_users,
+    dead_letters,
+    drain,
+    user_url,
+)
 from worker import config
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
@@ -26,6 +34,7 @@ KINDS = (
     "instant_key.deleted",
     "access.revoke_completed",
     "access.scheduled",
+    "access.rejected",
 )
 
 
@@ -264,3 +273,66 @@ async def test_a_cancelled_stay_says_why_its_key_was_deleted(
     assert deleted["user_identity"]["user_identity_key"] == "guest-no-show"
     [completed] = listener.of("access.revoke_completed")
     assert (completed["deleted"], completed["kept"]) == (1, 0)
+
+
+def refused_grants() -> dict[str, tuple[bytes, str]]:
+    """A booking system's likeliest mistakes: what it sends, and the reason it is told."""
+    unnamed = grant()
+    unnamed["user_identity"] |= {"user_identity_key": None, "user_identity_id": None}
+    zoned = grant()
+    zoned["delivery"]["time_zone"] = "Europe/Pariss"
+    return {
+        "no identity": (json.dumps(unnamed).encode(), "invalid_event"),
+        "bad time zone": (json.dumps(zoned).encode(), "invalid_event"),
+        "not json": (b"{'event_id': 'e-1'}", "malformed_json"),
+    }
+
+
+async def test_an_event_refused_for_its_content_is_rejected_to_its_producer(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, listener: Listener
+) -> None:
+    await start_worker()
+    refused = refused_grants()
+    for raw, _ in refused.values():
+        await publish(raw, "access.granted")
+    await wait_for(lambda: len(listener.of("access.rejected")) == 3, 15, "three rejections")
+
+    told = {(r["event_id"], r["reason"]): r for r in listener.of("access.rejected")}
+    for raw, reason in refused.values():
+        sent = json.loads(raw) if raw.startswith(b'{"') else {}
+        rejected = told[(sent.get("event_id"), reason)]
+        assert rejected["grant_id"] == sent.get("grant_id")
+        assert rejected["event_type"] == sent.get("type")
+    assert (
+        "time_zone"
+        in told[(json.loads(refused["bad time zone"][0])["event_id"], "invalid_event")]["error"]
+    )
+    # Exactly one outcome each, and nothing reached a guest.
+    assert [key for key, _, _ in listener.heard] == [f"{BROKER_USER}.access.rejected"] * 3
+    assert sandbox.twilio.outbox == [] and not sandbox.seam.identities and not sandbox.seam.keys
+    no_secrets(listener, sandbox)
+
+
+async def test_an_untrusted_producer_hears_nothing_of_its_refused_events(
+    start_worker: StartWorker, names: Names, amqp: Any
+) -> None:
+    every = Listener()
+    channel = await amqp.channel(publisher_confirms=True, on_return_raises=True)
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(names.outcomes, "#")
+    await queue.consume(every.on_message, no_ack=True)
+    await start_worker()
+    with broker_users("stranger") as users:
+        connection = await aio_pika.connect_robust(user_url(users["stranger"]))
+        async with connection:
+            stranger = Publisher(
+                await connection.channel(publisher_confirms=True), names, users["stranger"]
+            )
+            for raw, _ in refused_grants().values():
+                await stranger.publish(names.exchange, "access.granted", raw)
+        dead = await dead_letters(amqp, names, 3)
+    assert {m.headers["x-ikw-reason"] for m in dead} == {"untrusted_publisher"}
+    # Whatever the worker published before its dead letters is in our queue ahead of this marker.
+    await Publisher(channel, names, BROKER_USER).publish(names.outcomes, "marker", b"{}")
+    await wait_for(lambda: every.heard, 15, "the marker")
+    assert [key for key, _, _ in every.heard] == ["marker"]

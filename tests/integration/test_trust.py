@@ -1,13 +1,10 @@
 """The trust boundary, attacked as a producer with publish rights would: every attack is refused
 with its reason before anything reaches Seam or a guest, and the victim's key stays intact."""
 
-import subprocess
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -15,7 +12,15 @@ import pytest
 import worker.broker.consumer
 import worker.broker.decision
 from tests.builders import body, grant, revoke
-from tests.helpers import AMQP_URL, Publish, StartWorker, dead_letters, drain
+from tests.helpers import (
+    AMQP_URL,
+    Publish,
+    StartWorker,
+    broker_users,
+    dead_letters,
+    drain,
+    user_url,
+)
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.sandbox import wait_for
@@ -29,34 +34,13 @@ class Users:
     booking: str  # trusted for any identity
     hotel: str  # trusted for user_identity_keys starting with hotel-a- only
     mallory: str  # a broker user with publish rights that nobody listed
-    password: str
-
-    def url(self, user: str) -> str:
-        parts = urlsplit(AMQP_URL)
-        return parts._replace(
-            netloc=f"{user}:{self.password}@{parts.hostname}:{parts.port}"
-        ).geturl()
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def users() -> Iterator[Users]:
     """Broker users made for this module and removed after it, even when a test fails."""
-    run = uuid.uuid4().hex[:8]
-    made = Users(f"booking_{run}", f"hotel_{run}", f"mallory_{run}", uuid.uuid4().hex)
-    names = (made.booking, made.hotel, made.mallory)
-    try:
-        for user in names:
-            rabbitmqctl("add_user", user, made.password)
-            # Broad rights on purpose: this tests the worker's refusals, not the broker's.
-            rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
-        yield made
-    finally:
-        for user in names:
-            subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True)
+    with broker_users("booking", "hotel", "mallory") as made:
+        yield Users(**made)
 
 
 @pytest.fixture
@@ -100,7 +84,7 @@ async def as_user(
     opened: list[aio_pika.abc.AbstractRobustConnection] = []
 
     async def connect(user: str | None) -> As:
-        url = users.url(user) if user else AMQP_URL
+        url = user_url(user) if user else AMQP_URL
         connection = await aio_pika.connect_robust(url)
         opened.append(connection)
         return As(connection, user, names)

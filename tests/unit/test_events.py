@@ -6,7 +6,7 @@ import pytest
 
 from tests.builders import body, grant, revoke
 from worker.errors import InvalidEvent
-from worker.events import AccessGranted, AccessRevoked, parse
+from worker.events import AccessGranted, AccessRevoked, glimpse, parse
 
 
 def test_the_design_example_is_accepted_and_unknown_fields_ignored() -> None:
@@ -104,3 +104,11 @@ def test_max_use_count_is_bounded(count: int) -> None:
 def test_a_name_that_cleans_to_nothing_is_no_reason_to_refuse_a_grant() -> None:
     event = parse(body(grant(name="\u200b\u200b")), "application/json")
     assert isinstance(event, AccessGranted)
+
+
+def test_a_glimpse_of_a_refused_body_reads_only_short_printable_strings() -> None:
+    raw = json.dumps({"type": "access.granted", "event_id": "e\n1", "grant_id": "g" * 256})
+    assert glimpse(raw.encode()) == {"event_id": None, "grant_id": None, "type": "access.granted"}
+    nothing = {"event_id": None, "grant_id": None, "type": None}
+    assert glimpse(b"[" * 60_000) == nothing  # too deep for json
+    assert glimpse(b'{"event_id": "e-1", "pad": "' + b"x" * 70_000 + b'"}') == nothing  # too large

@@ -22,6 +22,7 @@ def test_asyncapi_names_the_exchange_and_routing_keys() -> None:
         "access.revoked",
         "{producer}.access.delivered",
         "{producer}.access.delivery_failed",
+        "{producer}.access.rejected",
         "{producer}.instant_key.deleted",
         "{producer}.access.revoke_completed",
         "{producer}.access.scheduled",

@@ -2,6 +2,7 @@
 StubBroker): what is published where, with which headers, and whether the original is acked,
 nacked or left to the broker. The same branches run on the real broker in tests/integration."""
 
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -10,6 +11,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelClosed
 
+from tests.builders import grant
 from worker.broker import headers
 from worker.broker.decision import (
     Ack,
@@ -23,12 +25,21 @@ from worker.broker.decision import (
 )
 from worker.broker.headers import Bookkeeping
 from worker.broker.returns import Returns, key
-from worker.broker.settle import Handling, Settler
+from worker.broker.settle import Handling, Settler, refusal
 from worker.errors import CredentialsRefused, Reason
-from worker.events import MAX_BODY_BYTES
+from worker.events import (
+    MAX_BODY_BYTES,
+    AccessDeliveryFailed,
+    AccessGranted,
+    AccessRejected,
+    StayDelivery,
+    parse,
+)
+from worker.routes import ROUTES, Route
 
 QUEUE, DEAD = "ns.grants", "ns.dead"
 FAILED_AT = datetime(2026, 12, 5, 21, 0, tzinfo=UTC)
+GRANTS, REVOCATIONS, CLEANUP, DELIVERIES, CHECKOUTS = ROUTES
 
 
 @dataclass
@@ -221,3 +232,57 @@ async def test_settling_that_fails_on_a_closed_channel_leaves_it_to_the_broker(
     message = cast(AbstractIncomingMessage, case.message)
     assert await settler.give_back(message, RuntimeError("cut")) is Settled.REDELIVERED
     assert not case.message.nacked
+
+
+def dead_handling(body: bytes, event: Any = None) -> Handling:
+    message = cast(AbstractIncomingMessage, StubMessage(body=body))
+    h = Handling(QUEUE, message, Bookkeeping(), producer="booking", event=event)
+    h.decided = DeadLetter(Reason.INVALID_EVENT, "delivery.time_zone: unknown")
+    return h
+
+
+def test_a_grant_read_then_dead_lettered_is_a_failed_delivery_and_nothing_else() -> None:
+    event = parse(json.dumps(grant("guest-1")).encode(), "application/json")
+    assert isinstance(event, AccessGranted)
+    refused = refusal(dead_handling(b"{}", event), GRANTS)
+    assert isinstance(refused, AccessDeliveryFailed)
+    assert (refused.event_id, refused.reason) == (event.event_id, "invalid_event")
+
+
+@pytest.mark.parametrize("route", [GRANTS, REVOCATIONS, None], ids=["grants", "revokes", "none"])
+def test_an_event_refused_before_it_was_read_is_rejected_with_what_could_be_read(
+    route: Route | None,
+) -> None:
+    raw = json.dumps(grant("guest-1", event_id="e-1", grant_id="g-1") | {"delivery": 3})
+    refused = refusal(dead_handling(raw.encode()), route)
+    assert isinstance(refused, AccessRejected)
+    assert (refused.event_id, refused.grant_id, refused.event_type) == (
+        "e-1",
+        "g-1",
+        "access.granted",
+    )
+    assert (refused.reason, refused.error) == ("invalid_event", "delivery.time_zone: unknown")
+
+
+def test_a_body_that_is_not_json_is_rejected_with_nothing_read() -> None:
+    refused = refusal(dead_handling(b"event_id=e-1"), GRANTS)
+    assert isinstance(refused, AccessRejected)
+    assert (refused.event_id, refused.grant_id, refused.event_type) == (None, None, None)
+
+
+def test_a_stays_key_dead_lettered_when_due_is_a_failed_delivery_of_its_grant() -> None:
+    event = parse(json.dumps(grant("guest-1")).encode(), "application/json")
+    assert isinstance(event, AccessGranted)
+    due = StayDelivery(
+        type="stay.delivery", version=1, reason="initial", due_at=event.occurred_at, grant=event
+    )
+    refused = refusal(dead_handling(b"{}", due), DELIVERIES)
+    assert isinstance(refused, AccessDeliveryFailed) and refused.grant_id == event.grant_id
+
+
+def test_the_workers_own_timers_and_settled_messages_announce_nothing() -> None:
+    assert refusal(dead_handling(b"{}"), CLEANUP) is None
+    assert refusal(dead_handling(b"{}"), CHECKOUTS) is None
+    h = dead_handling(b"{}")
+    h.decided = Ack()
+    assert refusal(h, GRANTS) is None

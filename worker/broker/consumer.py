@@ -28,7 +28,7 @@ from worker.broker.decision import (
 from worker.broker.observers import Logs, Measures, Observer, Tracing
 from worker.broker.publisher import Publisher
 from worker.broker.returns import Returns, key
-from worker.broker.settle import Handling, Settler, delivery_failed, held, printable, redelivery
+from worker.broker.settle import Handling, Settler, held, printable, redelivery, refusal
 from worker.errors import CredentialsRefused, Permanent, Reason, Transient
 from worker.events import ANNOUNCEMENTS, check_size, parse
 from worker.flows import Action, Flows, Outcome
@@ -179,9 +179,9 @@ class Consumer:
                 patient=h.queue in self._patient,
             )
             settled = await asyncio.shield(self.settler.carry_out(h, h.decided))
-            failed = delivery_failed(h, self._routes[h.queue])
-            if settled is Settled.DEAD_LETTERED and failed is not None:
-                await asyncio.shield(self.publisher.announce(failed))
+            refused = refusal(h, self._routes[h.queue])
+            if settled is Settled.DEAD_LETTERED and refused is not None:
+                await asyncio.shield(self.publisher.announce(refused))
         except Exception as exc:
             settled = await asyncio.shield(self.settler.give_back(h.message, exc))
         fenced = h.outcome is not None and h.outcome.action is Action.FENCED

@@ -41,10 +41,12 @@ from worker.events import (
     MAX_BODY_BYTES,
     AccessDeliveryFailed,
     AccessGranted,
+    AccessRejected,
     Event,
     KnownIdentity,
     StayDelivery,
     event_key,
+    glimpse,
 )
 from worker.flows import Outcome
 from worker.routes import Route
@@ -123,23 +125,38 @@ def redelivery(h: Handling, returns: Returns) -> Reset | DeadLetter | None:
     return redelivered(count, book.deliveries, book.excused, returned, losses, book.suspect)
 
 
-def delivery_failed(h: Handling, route: Route | None) -> AccessDeliveryFailed | None:
-    """A dead-lettered grant will deliver nothing: what its booking system hears."""
+def refusal(h: Handling, route: Route | None) -> AccessDeliveryFailed | AccessRejected | None:
+    """What the producer hears of its dead-lettered event, exactly one: a grant that was read
+    will deliver nothing (access.delivery_failed); any other was refused (access.rejected). None
+    for the worker's own messages (a timer's producer did not publish it); ``announce`` sends
+    it only to a trusted producer."""
     event, dead = h.event, h.decided
-    if route is None or not route.announces_failure or not isinstance(dead, DeadLetter):
+    if not isinstance(dead, DeadLetter):
         return None
+    now = datetime.now(UTC)
     if isinstance(event, StayDelivery):
-        event = event.grant
-    if not isinstance(event, AccessGranted):
-        return None
-    return AccessDeliveryFailed(
-        occurred_at=datetime.now(UTC),
-        event_id=event.event_id,
-        grant_id=event.grant_id,
-        user_identity=KnownIdentity(
-            user_identity_id=event.user_identity.user_identity_id,
-            user_identity_key=event.user_identity.user_identity_key,
-        ),
+        event = event.grant  # a stay's key due: the grant's producer hears it failed
+    if isinstance(event, AccessGranted) and route is not None and route.announces_failure:
+        identity = event.user_identity
+        return AccessDeliveryFailed(
+            occurred_at=now,
+            event_id=event.event_id,
+            grant_id=event.grant_id,
+            user_identity=KnownIdentity(
+                user_identity_id=identity.user_identity_id,
+                user_identity_key=identity.user_identity_key,
+            ),
+            reason=dead.reason,
+            error=dead.error,
+        )
+    if route is not None and not route.public:
+        return None  # the worker's own timers: their producer did not publish them
+    read = glimpse(h.message.body)
+    return AccessRejected(
+        occurred_at=now,
+        event_id=read["event_id"],
+        grant_id=read["grant_id"],
+        event_type=read["type"],
         reason=dead.reason,
         error=dead.error,
     )
