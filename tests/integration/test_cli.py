@@ -136,9 +136,17 @@ BROKER_URL_CASES = [
     (
         "amqp://guest:s3cret-pw@127.0.0.1:1/",
         1,
-        "ikw: cannot reach RabbitMQ at 127.0.0.1:1 (AMQPConnectionError); start one with",
+        "ikw: cannot reach RabbitMQ at 127.0.0.1:1 (connection refused: nothing listens there); "
+        "start one with `rabbitmq-server -detached`",
     ),
-    ("http://guest:s3cret-pw@127.0.0.1:5672/", 2, "ikw: AMQP_URL: must be a amqp or amqps URL"),
+    (
+        "amqps://guest:s3cret-pw@nosuchhost.invalid/",
+        1,
+        "ikw: cannot reach RabbitMQ at nosuchhost.invalid:5671 (the name 'nosuchhost.invalid' "
+        "does not resolve); check the host in AMQP_URL",
+    ),
+    ("http://guest:s3cret-pw@127.0.0.1:5672/", 2, "ikw: AMQP_URL: must be an amqp or amqps URL"),
+    ("notaurl", 2, "ikw: AMQP_URL: must be an amqp or amqps URL with a host"),
 ]
 
 
@@ -158,6 +166,19 @@ def test_a_broker_problem_is_one_line_saying_what_to_fix(
     assert said.startswith(line), said
     assert result.returncode == code
     assert "s3cret-pw" not in said
+
+
+def test_run_in_an_empty_environment_lists_every_problem_at_once() -> None:
+    result = subprocess.run(
+        [*IKW, "run"], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        "ikw: configuration error:",
+        "SEAM_API_KEY: required (the Seam API key, or SEAM_API_KEY_FILE)",
+        "TWILIO_ACCOUNT_SID / SMTP_HOST: no delivery channel is configured; set the TWILIO_* "
+        "variables for SMS or SMTP_HOST and EMAIL_FROM for email",
+    ]
 
 
 def test_publish_without_the_topology_is_one_line() -> None:
