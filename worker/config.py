@@ -349,6 +349,12 @@ class Settings(GuestText, BrokerSettings):
     log_level: str = setting(
         "IKW_LOG_LEVEL", "info", "debug, info (default), warning or error", one_of(*LOG_LEVELS)
     )
+    log_format: str = setting(
+        "IKW_LOG_FORMAT",
+        "auto",
+        "auto (default: text at a terminal, else JSON), json or text",
+        one_of("auto", "json", "text"),
+    )
     # Each configured channel's settings, by its name in the event ("sms"): see worker/channels.
     channels: Mapping[str, Any] = field(default_factory=dict)
 
