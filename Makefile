@@ -9,10 +9,12 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo "creating $(VENV) and installing the package with its dev tools (about 20 s the first time)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --progress-bar off -e '.[dev]'
 	touch $(STAMP)
+	@echo "installed: $(BIN)/ikw (not on your PATH: run it by that path, or source $(BIN)/activate)"
 
 demo: install  ## the whole job once against the local stand-ins (needs RabbitMQ on AMQP_URL)
 	$(BIN)/ikw demo

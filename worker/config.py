@@ -69,8 +69,8 @@ def _amqp_url(r: Reader, v: Variable[str]) -> str:
         parts = urlsplit(address)
         if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
             r.problems.append(
-                f"{which} must be a amqp or amqps URL with a host (or host:port after the "
-                f"first), got {parts.scheme + '://…' if parts.scheme else '…'!r}"
+                f"{which} must be an amqp or amqps URL with a host (or host:port after the "
+                f"first), got {_shown(address, parts.scheme)!r}"
             )
             return raw
         try:
@@ -90,6 +90,13 @@ def _amqp_url(r: Reader, v: Variable[str]) -> str:
             )
             return raw
     return ",".join(address.rstrip("/") for address in urls)
+
+
+def _shown(address: str, scheme: str) -> str:
+    """What was given, unless it may hold a password (anything with an @)."""
+    if "@" not in address:
+        return address[:60]
+    return f"{scheme}://…" if scheme else "…"
 
 
 def _namespace(r: Reader, v: Variable[str]) -> str:
@@ -360,6 +367,12 @@ class Settings(GuestText, BrokerSettings):
     log_level: str = setting(
         "IKW_LOG_LEVEL", "info", "debug, info (default), warning or error", one_of(*LOG_LEVELS)
     )
+    log_format: str = setting(
+        "IKW_LOG_FORMAT",
+        "auto",
+        "auto (default: text at a terminal, else JSON), json or text",
+        one_of("auto", "json", "text"),
+    )
     # Each configured channel's settings, by its name in the event ("sms"): see worker/channels.
     channels: Mapping[str, Any] = field(default_factory=dict)
 
@@ -372,7 +385,7 @@ class Settings(GuestText, BrokerSettings):
             )
         if self.message_deadline < timedelta(seconds=1):
             found.append("IKW_MESSAGE_DEADLINE: must be at least 1s")
-        if not found and not self.channels:
+        if not self.channels:
             found.append(
                 "TWILIO_ACCOUNT_SID / SMTP_HOST: no delivery channel is configured; set the "
                 "TWILIO_* variables for SMS or SMTP_HOST and EMAIL_FROM for email"

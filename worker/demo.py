@@ -1,10 +1,18 @@
-"""`ikw demo`: stand-ins, a worker and two grants in one process, shown as the guests see them."""
+"""`ikw demo`: stand-ins, a worker and two grants in one process, shown as the guests see them and
+as a booking system hears them. The demo is a list of steps (``STEPS``): add one there."""
 
+import asyncio
 import json
 import os
+import shutil
+import sys
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from worker import config, events, logs
 from worker.broker import topology
@@ -12,7 +20,7 @@ from worker.broker.connect import connect
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.logs import mask_email, mask_phone
-from worker.sandbox import wait_for
+from worker.sandbox import changed, wait_for
 from worker.sandbox.all import Sandbox
 from worker.service import Service
 
@@ -20,6 +28,8 @@ GUESTS = [
     ("guest-ada", "Ada Lovelace", "+14155550100", None, ["sms", "email"], "en"),
     ("guest-grace", "Grace Hopper", None, "grace@example.com", ["sms", "email"], "fr"),
 ]
+# What an outcome event is told by, besides its type (worker/events.py, the Outcome models).
+OUTCOME_IDS = ("grant_id", "event_id", "user_identity_key", "instant_key_id", "channel", "why")
 
 
 def grant(
@@ -36,6 +46,115 @@ def grant(
     return json.dumps(event).encode()
 
 
+@dataclass
+class Demo:
+    """What the steps share: the broker, the stand-ins, the worker, and what was heard."""
+
+    connection: AbstractRobustConnection
+    names: Names
+    amqp_url: str
+    key_lifetime: float
+    sandbox: Sandbox
+    service: Service | None = None
+    outcomes: list[dict[str, Any]] = field(default_factory=list)  # as heard, in order
+    keys: dict[str, Any] = field(default_factory=dict)  # the keys delivered, by id
+
+    def heard(self, kind: str) -> list[dict[str, Any]]:
+        return [event for event in self.outcomes if event.get("type") == kind]
+
+
+Step = Callable[[Demo], Awaitable[None]]
+
+
+async def start_stand_ins(demo: Demo) -> None:
+    sandbox = demo.sandbox
+    await sandbox.start()
+    print(
+        f"stand-ins up: Seam {sandbox.seam.url}, Twilio {sandbox.twilio.url}, "
+        f"SMTP {sandbox.smtp.host}:{sandbox.smtp.port}"
+    )
+
+
+async def start_worker(demo: Demo) -> None:
+    env = demo.sandbox.env() | {
+        "AMQP_URL": demo.amqp_url,
+        "IKW_NAMESPACE": demo.names.namespace,
+        "IKW_MIN_KEY_LIFETIME": "0",
+        "IKW_HTTP_PORT": "0",
+    }
+    demo.service = service = Service(config.load(env))
+    await service.start()
+    await wait_for(lambda: service.ready, 10, "the worker")
+    print(f"worker up on namespace {demo.names.namespace}, consuming {demo.names.grants}")
+
+
+async def listen_to_outcomes(demo: Demo) -> None:
+    """As a booking system does, from a queue of its own bound to the outcomes exchange."""
+
+    async def hear(message: AbstractIncomingMessage) -> None:
+        demo.outcomes.append(json.loads(message.body))
+        changed()
+
+    channel = await demo.connection.channel()
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(demo.names.outcomes, "#")
+    await queue.consume(hear, no_ack=True)
+
+
+async def publish_grants(demo: Demo) -> None:
+    channel = await demo.connection.channel(publisher_confirms=True, on_return_raises=True)
+    user = config.Settings(amqp_url=demo.amqp_url).broker_user
+    publisher = Publisher(channel, demo.names, user)
+    for guest in GUESTS:
+        await publisher.publish_event("access.granted", grant(*guest), str(uuid.uuid4()))
+        print(f"published access.granted for {guest[0]}")
+
+
+async def show_deliveries(demo: Demo) -> None:
+    sandbox = demo.sandbox
+    await wait_for(
+        lambda: sandbox.twilio.outbox and sandbox.smtp.messages, 30, "the SMS and the email"
+    )
+    show(sandbox)
+    print("\nSeam user identities the worker created (one per guest, found again by its key):")
+    for identity in sandbox.seam.identities.values():
+        print(f"  {identity['user_identity_key']}  user_identity_id {identity['user_identity_id']}")
+    print(f"\nthe outbox page, while the demo runs: {sandbox.outbox.page_url}")
+    await _outcomes(demo, "access.delivered", len(GUESTS))
+    demo.keys = dict(sandbox.seam.keys)
+
+
+async def show_expiry(demo: Demo) -> None:
+    lifetime = demo.key_lifetime
+    print(f"\nwaiting for the {len(demo.keys)} keys to expire ({lifetime:.0f} s) ...", flush=True)
+    await wait_for(lambda: not demo.sandbox.seam.keys, lifetime + 30, "deletion at expiry")
+    for key in demo.keys.values():
+        print(
+            f"deleted from Seam: instant key {key['instant_key_id']} "
+            f"(expired at {key['expires_at']})"
+        )
+    await _outcomes(demo, "instant_key.deleted", len(demo.keys))
+
+
+async def _outcomes(demo: Demo, kind: str, count: int) -> None:
+    await wait_for(lambda: len(demo.heard(kind)) >= count, 30, f"{count} {kind} outcome events")
+    print(f"\noutcome events heard on {demo.names.outcomes} (what your booking system hears):")
+    for event in demo.heard(kind):
+        fields = event | event.get("user_identity", {})
+        ids = " ".join(f"{name}={fields[name]}" for name in OUTCOME_IDS if fields.get(name))
+        print(f"  {kind}  {ids}")
+
+
+STEPS: list[Step] = [
+    start_stand_ins,
+    start_worker,
+    listen_to_outcomes,
+    publish_grants,
+    show_deliveries,
+    show_expiry,
+]
+
+
 async def demo(key_lifetime: float) -> int:
     """Everything it starts and declares is stopped and deleted on the way out, however it ends
     (done, failed, Ctrl-C, or SIGTERM: the CLI cancels it like Ctrl-C)."""
@@ -43,59 +162,61 @@ async def demo(key_lifetime: float) -> int:
     amqp_url = os.environ.get("AMQP_URL", config.Settings.amqp_url)
     names = Names(f"ikw_demo_{uuid.uuid4().hex[:8]}")
     connection = await connect(amqp_url, "ikw demo")
-    sandbox = Sandbox(key_lifetime=key_lifetime)
-    service: Service | None = None
+    state = Demo(connection, names, amqp_url, key_lifetime, Sandbox(key_lifetime=key_lifetime))
     try:
-        await sandbox.start()
+        await _run(state)
+    except asyncio.CancelledError:
         print(
-            f"stand-ins up: Seam {sandbox.seam.url}, Twilio {sandbox.twilio.url}, "
-            f"SMTP {sandbox.smtp.host}:{sandbox.smtp.port}"
+            f"ikw demo: stopped; its worker, stand-ins and namespace {names.namespace} are gone",
+            file=sys.stderr,
         )
-        env = sandbox.env() | {
-            "AMQP_URL": amqp_url,
-            "IKW_NAMESPACE": names.namespace,
-            "IKW_MIN_KEY_LIFETIME": "0",
-            "IKW_HTTP_PORT": "0",
-        }
-        service = Service(config.load(env))
-        await service.start()
-        await wait_for(lambda: service is not None and service.ready, 10, "the worker")
-        print(f"worker up on namespace {names.namespace}, consuming {names.grants}", flush=True)
-        return await _grants(connection, names, sandbox, key_lifetime)
+        raise
+    print(f"\ndemo done: {len(GUESTS)} grants delivered, {len(state.keys)} keys deleted at expiry")
+    try_next()
+    return 0
+
+
+async def _run(demo: Demo) -> None:
+    try:
+        for step in STEPS:
+            await step(demo)
+            sys.stdout.flush()
     finally:
         try:
-            if service is not None:
-                await service.stop()
-            channel = await connection.channel()
-            await topology.delete(channel, names)
-            await connection.close()
+            if demo.service is not None:
+                await demo.service.stop()
+            channel = await demo.connection.channel()
+            await topology.delete(channel, demo.names)
+            await demo.connection.close()
         finally:
-            await sandbox.stop()
+            await demo.sandbox.stop()
 
 
-async def _grants(
-    connection: AbstractRobustConnection, names: Names, sandbox: Sandbox, key_lifetime: float
-) -> int:
-    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    user = config.Settings(amqp_url=os.environ.get("AMQP_URL", config.Settings.amqp_url))
-    publisher = Publisher(channel, names, user.broker_user)
-    for guest in GUESTS:
-        await publisher.publish_event("access.granted", grant(*guest), str(uuid.uuid4()))
-        print(f"published access.granted for {guest[0]}")
-    await wait_for(
-        lambda: sandbox.twilio.outbox and sandbox.smtp.messages, 30, "the SMS and the email"
+def try_next() -> None:
+    ikw = ikw_command()
+    print(
+        f"\nwhat to try next{'' if ikw == 'ikw' else f' ({ikw}: ikw is not on your PATH)'}:\n"
+        f"  1. {ikw} sandbox\n"
+        "       the stand-ins on fixed ports; it prints the variables a worker needs, then every\n"
+        "       SMS and email it accepts (also on its outbox page, http://127.0.0.1:8703/)\n"
+        f"  2. in a second terminal, paste the export lines it printed, then: {ikw} run\n"
+        f"  3. in a third: {ikw} publish grant --key guest-1 --name 'Ada Lovelace' "
+        "--phone +14155550100\n"
+        "       and see the SMS arrive in the first terminal and on the outbox page"
     )
-    show(sandbox)
-    keys = dict(sandbox.seam.keys)
-    print(f"\nwaiting for the {len(keys)} keys to expire ({key_lifetime:.0f} s) ...", flush=True)
-    await wait_for(lambda: not sandbox.seam.keys, key_lifetime + 30, "deletion at expiry")
-    for key in keys.values():
-        print(
-            f"deleted from Seam: instant key {key['instant_key_id']} "
-            f"(expired at {key['expires_at']})"
-        )
-    print("\ndemo done: 2 grants delivered, 2 keys deleted at expiry")
-    return 0
+
+
+def ikw_command() -> str:
+    """How to call `ikw` from here: by name when the PATH finds this one, else by its path
+    (`make demo` installs it in .venv/bin, which is not on the PATH)."""
+    script = Path(sys.executable).parent / "ikw"
+    found = shutil.which("ikw")
+    if found and Path(found).absolute() == script.absolute():
+        return "ikw"
+    try:
+        return str(script.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def show(sandbox: Sandbox) -> None:

@@ -1,12 +1,14 @@
-"""Logging setup (one JSON object per line) and masks for contact details."""
+"""Logging setup (one JSON object per line, or a readable line at a terminal) and masks for
+contact details."""
 
 import json
 import logging
 import math
 import re
 import sys
+import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from opentelemetry import trace
 
@@ -72,14 +74,50 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update(getattr(record, "ctx", {}))
-        span = trace.get_current_span().get_span_context()
-        if span.is_valid:  # the span the line was written in (worker/tracing.py)
-            entry["trace_id"] = trace.format_trace_id(span.trace_id)
-            entry["span_id"] = trace.format_span_id(span.span_id)
-        if record.exc_info and record.exc_info[0] is not None:
-            entry["exc"] = record.exc_info[0].__name__
-        return _encode(entry)
+        return _encode(entry | details(record))
+
+
+def details(record: logging.LogRecord) -> dict[str, Any]:
+    """What a line says after its message, in either format: the caller's ``ctx`` (contacts in
+    it already masked), the span it was written in (worker/tracing.py), the exception's name."""
+    entry: dict[str, Any] = dict(getattr(record, "ctx", {}))
+    span = trace.get_current_span().get_span_context()
+    if span.is_valid:
+        entry["trace_id"] = trace.format_trace_id(span.trace_id)
+        entry["span_id"] = trace.format_span_id(span.span_id)
+    if record.exc_info and record.exc_info[0] is not None:
+        entry["exc"] = record.exc_info[0].__name__
+    return entry
+
+
+_compact = json.JSONEncoder(default=str, separators=(",", ":"), ensure_ascii=False).encode
+_BARE = re.compile(r"[^\s\"'=]+")  # a value shown as it is; any other is quoted as JSON
+
+
+class TextFormatter(logging.Formatter):
+    """``HH:MM:SS level logger message key=value ...``, local time, one line: the fields of the
+    JSON line, for a person reading a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = time.strftime("%H:%M:%S", time.localtime(record.created))
+        message = record.getMessage().replace("\n", "\\n")
+        line = f"{moment} {record.levelname.lower():<7} {record.name} {message}"
+        pairs = [f"{key}={_value(value)}" for key, value in details(record).items()]
+        return " ".join([line, *pairs])
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, str) and _BARE.fullmatch(value):
+        return value
+    return _compact(value)
+
+
+def formatter(log_format: str, stream: TextIO) -> logging.Formatter:
+    """IKW_LOG_FORMAT: ``auto`` is text when ``stream`` (where the lines go) is a terminal,
+    JSON otherwise (a container's log collector, a file, a pipe)."""
+    if log_format == "auto":
+        log_format = "text" if stream.isatty() else "json"
+    return TextFormatter() if log_format == "text" else JsonFormatter()
 
 
 # Connection-loss exceptions, by name: what aio-pika and aiormq report while a robust connection
@@ -141,9 +179,9 @@ def quiet_reconnects() -> None:
             logger.addFilter(_NOISE_FILTER)
 
 
-def setup(level: str = "INFO") -> None:
+def setup(level: str = "INFO", log_format: str = "auto") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(formatter(log_format, sys.stderr))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -6,8 +6,8 @@ import logging
 import os
 import resource
 import signal
+import time
 
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
 from opentelemetry.trace import Tracer, TracerProvider
@@ -36,6 +36,8 @@ from worker.stays import StayTimes
 log = logging.getLogger("worker.service")
 
 CHECK_BACKOFF_CAP = 60.0
+TOPOLOGY_CHECK_CAP = 10.0  # seconds between looks for a topology not declared yet, at most
+TOPOLOGY_TOLD_EVERY = 60.0  # seconds between the lines saying it is still missing
 CLOSE_TIMEOUT = 5.0  # closing a connection to a broker that is gone must not hang the stop
 
 
@@ -112,6 +114,7 @@ class Service:
         self._connected = True
         self.returns = Returns()
         self._paused_by = ""
+        self._missing = ""  # what of the topology is not there yet (IKW_DECLARE=false)
         self._channels: list[AbstractChannel] = []
         self.metrics.ready.set_function(lambda: float(self.ready))
 
@@ -122,6 +125,8 @@ class Service:
             return "stopping"
         if self.connection is None or self.connection.is_closed:
             return "not connected to RabbitMQ"
+        if self._missing:
+            return f"waiting for the topology: {self._missing} is missing; run `ikw topology`"
         if self.fence is None or not self.fence.caught_up.is_set():
             read = f": {self.fence.progress}" if self.fence else ""
             return f"catching up with the revocation fence{read}"
@@ -149,6 +154,8 @@ class Service:
         following = await self.connection.channel()
         self._channels = [consuming, publishing, following]
         await self._topology()
+        if self.stopping.is_set():  # stopped while waiting for the topology
+            return
         publisher = Publisher(publishing, self.names, self.settings.broker_user, tracer=self.tracer)
         self.fence = StreamFence(
             self.names, publisher, self.settings.broker_user, self.settings.revoke_retention
@@ -185,10 +192,10 @@ class Service:
             ) from None
 
     async def _topology(self) -> None:
-        """Declare it (IKW_DECLARE), else make sure what the worker publishes to is there."""
+        """Declare it (IKW_DECLARE), else wait until what the worker uses is there."""
         assert self.connection is not None
         if not self.settings.declare:
-            await self._expect(self.names.outcomes)
+            await self._wait_for_topology()
             return
         # On a channel of its own, closed after: a robust channel would declare the whole
         # topology again at every reopen, and one queue without a leader failed it all.
@@ -273,10 +280,7 @@ class Service:
                 refused = True
                 self._paused_by = error.service
                 self.metrics.refused(error.service)
-            try:
-                await asyncio.wait_for(self.stopping.wait(), delay)
-            except TimeoutError:
-                delay = min(delay * 2, CHECK_BACKOFF_CAP)
+            delay = await self._rest(delay, CHECK_BACKOFF_CAP)
         self._paused_by = ""
         self.metrics.refused("")
         if not self.stopping.is_set():
@@ -324,17 +328,43 @@ class Service:
             await self.http.stop()
         log.info("worker stopped")
 
-    async def _expect(self, exchange: str) -> None:
-        """Publishing to a missing exchange would close the publishing channel, every time."""
+    async def _wait_for_topology(self) -> None:
+        """IKW_DECLARE=false: unready until every exchange and queue the worker uses exists (in
+        Kubernetes, the Job running `ikw topology` and the workers start together). Said in one
+        line, again each TOPOLOGY_TOLD_EVERY while still missing."""
+        delay, told = 1.0, 0.0
+        while not self.stopping.is_set():
+            self._missing = await self._first_missing() or ""
+            if not self._missing:
+                if told:
+                    log.info("topology found: starting")
+                return
+            if not told or time.monotonic() - told >= TOPOLOGY_TOLD_EVERY:
+                log.warning(
+                    "%s is missing in namespace %s: run `ikw topology` (IKW_DECLARE=false: this "
+                    "worker does not declare it); checking again until it is there",
+                    self._missing,
+                    self.settings.namespace,
+                )
+                told = time.monotonic()
+            delay = await self._rest(delay, TOPOLOGY_CHECK_CAP)
+
+    async def _first_missing(self) -> str | None:
+        """On a channel of its own: a passive declare of something missing closes it."""
         assert self.connection is not None
         channel = await self.connection.channel()
         try:
-            await channel.get_exchange(exchange, ensure=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            raise StartError(
-                f"exchange {exchange} does not exist: run `ikw topology` first"
-            ) from None
-        await channel.close()
+            return await topology.first_missing(channel, self.names)
+        finally:
+            await channel.close()
+
+    async def _rest(self, delay: float, cap: float) -> float:
+        """Wait ``delay`` seconds, or less if the worker stops; the next delay, doubled."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), delay)
+        except TimeoutError:
+            pass
+        return min(delay * 2, cap)
 
     async def run(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""

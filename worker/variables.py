@@ -86,16 +86,25 @@ class Reader:
         if parts.scheme not in schemes or not parts.hostname:
             shown = raw
             self.problems.append(
-                f"{name}: must be a {' or '.join(schemes)} URL with a host, got {shown!r}"
+                f"{name}: must be {an(schemes[0])} {' or '.join(schemes)} URL with a host, "
+                f"got {shown!r}"
             )
         return raw.rstrip("/")
 
     def require(self, name: str, why: str, secret: bool = False) -> str:
+        told = len(self.problems)
         value = self.text(name, secret=secret)
-        if value is None:
-            self.problems.append(f"{name}: required {why}")
-            return ""
-        return value
+        if value is None and len(self.problems) == told:  # an unreadable NAME_FILE: told already
+            file_name = self.env.get(f"{name}_FILE") if secret else None
+            self.problems.append(
+                f"{name}_FILE: {file_name} is empty" if file_name else f"{name}: required {why}"
+            )
+        return value or ""
+
+
+def an(word: str) -> str:
+    """The article before a name read letter by letter ("an amqp", "an http", "a tcp")."""
+    return "an" if word[:1].lower() in "aefhilmnorsx" else "a"
 
 
 G = TypeVar("G")

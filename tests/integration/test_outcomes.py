@@ -20,13 +20,12 @@ from tests.helpers import (
     drain,
     user_url,
 )
-from worker import config
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
 from worker.events import KeyCleanup
 from worker.sandbox import changed, wait_for
 from worker.sandbox.all import Sandbox
-from worker.service import Service, StartError
+from worker.service import Service
 
 KINDS = (
     "access.delivered",
@@ -210,21 +209,6 @@ async def test_a_timer_of_a_producer_no_longer_trusted_deletes_its_key_and_tells
     await Publisher(channel, names, BROKER_USER).publish(names.outcomes, "marker", b"{}")
     await wait_for(lambda: len(every.heard) > 1, 15, "the marker")
     assert [key for key, _, _ in every.heard] == [f"{BROKER_USER}.access.delivered", "marker"]
-
-
-async def test_a_worker_that_may_not_declare_needs_the_outcomes_exchange(
-    worker_env: dict[str, str], names: Names, amqp: Any
-) -> None:
-    """Rolled out before `ikw topology` ran: it says so, instead of losing its publishing
-    channel at every outcome."""
-    await (await amqp.channel()).exchange_delete(names.outcomes)
-    service = Service(config.load(worker_env | {"IKW_DECLARE": "false"}))
-    with pytest.raises(StartError) as refused:
-        await service.start()
-    await service.stop()
-    assert str(refused.value) == (
-        f"exchange {names.outcomes} does not exist: run `ikw topology` first"
-    )
 
 
 async def test_a_stay_is_heard_scheduled_delivered_and_deleted_at_checkout(

@@ -31,9 +31,9 @@ def test_settings_keep_every_address_and_take_the_user_from_the_first() -> None:
 @pytest.mark.parametrize(
     ("value", "says"),
     [
-        ("amqp://u:secret@127.0.0.1:5701/,http://u:secret@h/", "address 2 of 2: must be a amqp"),
+        ("amqp://u:secret@127.0.0.1:5701/,http://u:secret@h/", "address 2 of 2: must be an amqp"),
         ("amqp://u:secret@127.0.0.1:5701/,127.0.0.1:99999", "address 2 of 2: the port must be"),
-        ("amqp://u:secret@127.0.0.1:5701/,", "address 2 of 2: must be a amqp"),
+        ("amqp://u:secret@127.0.0.1:5701/,", "address 2 of 2: must be an amqp"),
         ("amqp://u:secret@127.0.0.1/,amqp://v:secret@127.0.0.2/", "another user"),
         ("amqp://u:secret@127.0.0.1/,10.0.0.2", "plaintext amqp://"),
     ],

@@ -58,6 +58,55 @@ def test_no_channel_at_all_is_refused() -> None:
     assert "no delivery channel is configured" in text
 
 
+NO_CHANNEL = (
+    "TWILIO_ACCOUNT_SID / SMTP_HOST: no delivery channel is configured; set the TWILIO_* "
+    "variables for SMS or SMTP_HOST and EMAIL_FROM for email"
+)
+
+
+def test_an_empty_environment_is_told_everything_it_lacks_at_once() -> None:
+    assert problems({}).splitlines() == [
+        "SEAM_API_KEY: required (the Seam API key, or SEAM_API_KEY_FILE)",
+        NO_CHANNEL,
+    ]
+    # Beside a problem across settings too, not one round later.
+    assert problems({"IKW_MESSAGE_DEADLINE": "0"}).splitlines()[-2:] == [
+        "IKW_MESSAGE_DEADLINE: must be at least 1s",
+        NO_CHANNEL,
+    ]
+
+
+def test_a_secret_file_that_cannot_be_read_is_the_only_line_about_that_secret(
+    tmp_path: Path,
+) -> None:
+    absent = tmp_path / "absent"
+    assert problems(BASE | {"SEAM_API_KEY_FILE": str(absent)}).splitlines() == [
+        f"SEAM_API_KEY_FILE: cannot read {absent}: No such file or directory"
+    ]
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    assert problems(BASE | {"SEAM_API_KEY_FILE": str(empty)}).splitlines() == [
+        f"SEAM_API_KEY_FILE: {empty} is empty"
+    ]
+
+
+@pytest.mark.parametrize(
+    "value,said",
+    [
+        ("notaurl", "got 'notaurl'"),
+        ("localhost:5672", "got 'localhost:5672'"),
+        ("http://guest:s3cret@localhost/", "got 'http://…'"),  # the password is never shown
+    ],
+)
+def test_an_amqp_url_that_is_not_one_says_so_in_plain_words(value: str, said: str) -> None:
+    [line] = problems(BASE | {"AMQP_URL": value}).splitlines()
+    assert line.startswith("AMQP_URL: must be an amqp or amqps URL with a host")
+    assert line.endswith(said)
+    assert problems(BASE | {"SEAM_ENDPOINT": "ftp://seam"}).startswith(
+        "SEAM_ENDPOINT: must be an http or https URL with a host"
+    )
+
+
 def test_secrets_are_read_from_files_and_never_shown(tmp_path: Path) -> None:
     secret = tmp_path / "seam"
     secret.write_text("seam_from_file\n")

@@ -7,6 +7,7 @@ last; aio-pika's reconnect pause (``reconnect_interval``) comes only after a who
 
 import asyncio
 import logging
+import socket
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -17,6 +18,7 @@ from yarl import URL
 
 from worker.config import amqp_urls
 from worker.logs import quiet_reconnects
+from worker.variables import loopback
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +159,22 @@ def explain(url: str, exc: BaseException) -> BrokerError:
             f"(NOT_ALLOWED): fix the path of AMQP_URL, or create it "
             f"(`rabbitmqctl add_vhost {vhost}`) and give {user!r} permissions on it"
         )
-    return BrokerUnreachable(
-        f"cannot reach RabbitMQ at {where(url)} ({type(exc).__name__}); {START_ONE}"
-    )
+    return BrokerUnreachable(f"cannot reach RabbitMQ at {where(url)} {_why_unreachable(url, exc)}")
+
+
+def _why_unreachable(url: str, exc: BaseException) -> str:
+    """The cause in words, and the advice that fits it: start a broker only when none answers
+    on this machine."""
+    cause = exc.__cause__ or exc.__context__
+    hosts = [urlsplit(one).hostname or "" for one in amqp_urls(url)]
+    if isinstance(cause, socket.gaierror):
+        named = f"the name {hosts[0]!r}" if len(hosts) == 1 else "a host name in AMQP_URL"
+        return f"({named} does not resolve); check the host in AMQP_URL"
+    if isinstance(cause, ConnectionRefusedError):
+        if all(loopback(host) for host in hosts):
+            return f"(connection refused: nothing listens there); {START_ONE}"
+        return "(connection refused); check the host and port in AMQP_URL, and that RabbitMQ runs"
+    return f"({type(exc).__name__}); check AMQP_URL, and that RabbitMQ runs there"
 
 
 async def connect(url: str, name: str = "instant-key-worker") -> AbstractRobustConnection:

@@ -20,7 +20,7 @@ REVOKE_RETENTION = timedelta(days=30)
 # Stream retention drops whole segments only: small segments let x-max-age take effect.
 FENCE_SEGMENT_BYTES = 1_000_000
 
-__all__ = ["LEVELS", "Names", "check", "declare", "delete", "describe", "plan"]
+__all__ = ["LEVELS", "Names", "check", "declare", "delete", "describe", "first_missing", "plan"]
 
 
 def _level_pattern(level: int, bit: str) -> str:
@@ -146,19 +146,37 @@ async def declare(
             await exchanges[name].bind(exchanges[details["exchange"]], details["key"])
 
 
+async def _exists(channel: AbstractChannel, kind: str, name: str) -> bool:
+    """A passive declare; a missing one closes ``channel``."""
+    try:
+        if kind == "exchange":
+            await channel.get_exchange(name, ensure=True)
+        elif kind == "queue":
+            await channel.get_queue(name, ensure=True)
+    except aio_pika.exceptions.ChannelClosed:
+        return False
+    return True
+
+
 async def check(channel: AbstractChannel, names: Names, producers: Sequence[str] = ()) -> list[str]:
     """Names of the exchanges and queues that are missing (passive declares)."""
     missing = []
     for kind, name, _ in plan(names, producers=producers):
-        try:
-            if kind == "exchange":
-                await channel.get_exchange(name, ensure=True)
-            elif kind == "queue":
-                await channel.get_queue(name, ensure=True)
-        except aio_pika.exceptions.ChannelClosed:
+        if not await _exists(channel, kind, name):
             missing.append(f"{kind} {name}")
             await channel.reopen()
     return missing
+
+
+async def first_missing(channel: AbstractChannel, names: Names) -> str | None:
+    """The first exchange or queue a worker uses that is not there ("queue ns.fence"), or None;
+    ``channel`` is closed by then. The sink of unheard outcomes is not needed: without it, an
+    outcome nobody listens to is logged and dropped."""
+    for kind, name, _ in plan(names):
+        if kind in ("exchange", "queue") and name != names.unheard:
+            if not await _exists(channel, kind, name):
+                return f"{kind} {name}"
+    return None
 
 
 async def delete(channel: AbstractChannel, names: Names, producers: Sequence[str] = ()) -> None:

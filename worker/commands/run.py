@@ -39,7 +39,7 @@ async def run(args: argparse.Namespace) -> int:
 
     settings = config.load()  # a ConfigError is printed, not logged
     provider = tracing.setup()  # None unless OTEL_* ask for tracing
-    logs.setup(settings.log_level)
+    logs.setup(settings.log_level, settings.log_format)
     if provider is not None:
         trace.set_tracer_provider(provider)
         exporters = tracing.exporter_names(os.environ)
