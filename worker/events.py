@@ -406,6 +406,17 @@ def event_key(event: Event) -> str:
             assert_never(event)
 
 
+def reservation_of(event: Event) -> str | None:
+    """The booking system's reservation the event belongs to, for the activity record; none of
+    today's types names one (``stay.reservation_key`` on grants, ``reservation_key`` on revokes
+    will)."""
+    match event:
+        case AccessGranted() | AccessRevoked() | KeyCleanup():
+            return None
+        case _:
+            assert_never(event)
+
+
 def occurred_at(event: Event) -> datetime | None:
     """When its producer says it occurred; None for the worker's own cleanups."""
     match event:

@@ -14,10 +14,12 @@ from opentelemetry.trace import Tracer, TracerProvider
 
 from worker import tracing
 from worker.broker import topology
+from worker.broker.activity import ActivityLog
 from worker.broker.connect import BROKER_ERRORS, connect
 from worker.broker.consumer import Consumer
 from worker.broker.decision import Limits, Trust
 from worker.broker.fence import StreamFence
+from worker.broker.observers import Activity
 from worker.broker.publisher import Publisher
 from worker.broker.returns import Returns
 from worker.channels import CHANNELS
@@ -104,6 +106,7 @@ class Service:
         self.connection: AbstractRobustConnection | None = None
         self.consumer: Consumer | None = None
         self.fence: StreamFence | None = None
+        self.activity: ActivityLog | None = None
         self.http: Served | None = None
         self.stopping = asyncio.Event()
         self._guard: asyncio.Task[None] | None = None
@@ -146,7 +149,8 @@ class Service:
         await consuming.set_qos(prefetch_count=self.settings.prefetch)
         publishing = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         following = await self.connection.channel()
-        self._channels = [consuming, publishing, following]
+        recording = await self.connection.channel(publisher_confirms=False)
+        self._channels = [consuming, publishing, following, recording]
         await self._topology()
         publisher = Publisher(publishing, self.names, self.settings.broker_user, tracer=self.tracer)
         self.fence = StreamFence(
@@ -156,6 +160,15 @@ class Service:
         self.metrics.follow(self.fence)
         await self.fence.start(following)
         self.consumer = self._consumer(consuming, publisher, self.fence)
+        if await self._exists(self.names.activity):
+            self.activity = ActivityLog(recording, self.names.activity, self.settings.broker_user)
+            self.activity.start()
+            self.consumer.observers.append(Activity(self.activity.record))
+        else:
+            log.warning(
+                "no stream %s: nothing is recorded for `ikw activity`; run `ikw topology`",
+                self.names.activity,
+            )
         consuming.close_callbacks.add(self.consumer.lost)
         self._recording = asyncio.create_task(self.returns.record(self.fence.append))
         assert self.http is not None
@@ -193,7 +206,11 @@ class Service:
         # topology again at every reopen, and one queue without a leader failed it all.
         declaring = await self.connection.channel()
         await topology.declare(
-            declaring, self.names, self.settings.revoke_retention, self.settings.quorum_size
+            declaring,
+            self.names,
+            self.settings.revoke_retention,
+            self.settings.quorum_size,
+            activity_retention=self.settings.activity_retention,
         )
         await declaring.close()
 
@@ -300,6 +317,8 @@ class Service:
             cancelled = await self.consumer.stop(self.settings.shutdown_grace.total_seconds())
             if cancelled:
                 log.warning("%d messages left unfinished; the broker requeues them", cancelled)
+        if self.activity:
+            await self.activity.stop(CLOSE_TIMEOUT)
         if self._recording and self.fence:
             self._recording.cancel()
             try:  # the replicas that take them over must not count them as crashes
@@ -317,6 +336,16 @@ class Service:
         if self.http:
             await self.http.stop()
         log.info("worker stopped")
+
+    async def _exists(self, queue: str) -> bool:
+        assert self.connection is not None
+        channel = await self.connection.channel()
+        try:
+            await channel.get_queue(queue, ensure=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        await channel.close()
+        return True
 
     async def _expect(self, exchange: str) -> None:
         """Publishing to a missing exchange would close the publishing channel, every time."""
