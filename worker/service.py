@@ -337,11 +337,15 @@ class Service:
             await self.http.stop()
         log.info("worker stopped")
 
-    async def _exists(self, queue: str) -> bool:
+    async def _exists(self, name: str, *, exchange: bool = False) -> bool:
+        """A passive declare of a queue (or an exchange) on a channel of its own."""
         assert self.connection is not None
         channel = await self.connection.channel()
         try:
-            await channel.get_queue(queue, ensure=True)
+            if exchange:
+                await channel.get_exchange(name, ensure=True)
+            else:
+                await channel.get_queue(name, ensure=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return False
         await channel.close()
@@ -349,15 +353,8 @@ class Service:
 
     async def _expect(self, exchange: str) -> None:
         """Publishing to a missing exchange would close the publishing channel, every time."""
-        assert self.connection is not None
-        channel = await self.connection.channel()
-        try:
-            await channel.get_exchange(exchange, ensure=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            raise StartError(
-                f"exchange {exchange} does not exist: run `ikw topology` first"
-            ) from None
-        await channel.close()
+        if not await self._exists(exchange, exchange=True):
+            raise StartError(f"exchange {exchange} does not exist: run `ikw topology` first")
 
     async def run(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""

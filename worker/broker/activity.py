@@ -107,12 +107,16 @@ class ActivityLog:
     def start(self) -> None:
         self._task = asyncio.create_task(self._write())
 
+    async def flushed(self) -> None:
+        """Until every entry recorded so far is written (or dropped)."""
+        await self._idle.wait()
+
     async def stop(self, timeout: float) -> None:
         """Write what is buffered, within ``timeout`` seconds, then stop."""
         if self._task is None:
             return
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self.flushed(), timeout)
         except TimeoutError:
             self._drop(len(self._buffer), "the worker stopped first")
         self._task.cancel()

@@ -102,12 +102,13 @@ async def run(args: argparse.Namespace) -> int:
             ) from None
     if not args.json:
         what = f"{selector} {getattr(args, selector)}"
-        print(f"{found} entries for {what} of {read} read in {names.activity} since {stamp(since)}")
+        entries = "1 entry" if found == 1 else f"{found} entries"
+        print(f"{entries} for {what} of {read} read in {names.activity} since {stamp(since)}")
     return OK
 
 
 def line(entry: Entry) -> str:
-    at = str(entry.get("at", "-"))[:23].replace("T", " ")
+    at = str(entry.get("at", "-"))[:23].replace("T", " ") + "Z"
     kind = entry.get("type") or entry.get("routing_key") or "-"
     ids = [
         f"{label} {entry[field]}"

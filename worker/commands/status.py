@@ -7,7 +7,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from worker.broker.fence import consume_stream
 from worker.commands import FAILED, OK, Failed, Subcommands, command
@@ -65,6 +65,8 @@ async def gather(connection: AbstractRobustConnection, names: Names, worker: str
     queues = [*names.work_queues, names.unroutable, names.dead]
     levels = {level: found[names.delay(level)][0] for level in range(LEVELS)}
     waiting = [level for level, count in levels.items() if count]
+    streams = (names.fence, names.activity)
+    spans = await asyncio.gather(*(span(connection, stream) for stream in streams))
     letters = await snapshot(connection, names, worker) if found[names.dead][0] else []
     return {
         "namespace": names.namespace,
@@ -77,43 +79,38 @@ async def gather(connection: AbstractRobustConnection, names: Names, worker: str
             "farthest_level": max(waiting, default=None),
         },
         "dead_letters": dict(Counter(letter.reason for letter in letters).most_common()),
-        "streams": {
-            stream: await span(connection, stream) for stream in (names.fence, names.activity)
-        },
+        "streams": dict(zip(streams, spans, strict=True)),
     }
 
 
 async def span(connection: AbstractRobustConnection, stream: str) -> dict[str, int] | None:
     """The offsets of a stream's first entry and of the first entry of its last chunk (AMQP
     tells no more: the entries between are about their difference); None when it is empty."""
-    channel = await connection.channel()
-    await channel.set_qos(prefetch_count=1)
-    try:
-        first = await _offset(channel, stream, "first")
-        last = await _offset(channel, stream, "last")
-    finally:
-        await channel.close()
+    first, last = await asyncio.gather(
+        _offset(connection, stream, "first"), _offset(connection, stream, "last")
+    )
     if first is None or last is None:
         return None
     return {"first_offset": first, "last_chunk_offset": last, "entries_about": last - first + 1}
 
 
-async def _offset(channel: AbstractChannel, stream: str, where: str) -> int | None:
+async def _offset(connection: AbstractRobustConnection, stream: str, where: str) -> int | None:
     seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     async def take(message: AbstractIncomingMessage) -> None:
         offset = (message.headers or {}).get("x-stream-offset")
         if isinstance(offset, int) and not seen.done():
             seen.set_result(offset)
-        await message.ack()
 
-    queue, tag = await consume_stream(channel, stream, take, where)
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=1)
     try:
+        await consume_stream(channel, stream, take, where)
         return await asyncio.wait_for(seen, EMPTY_STREAM_WAIT)
     except TimeoutError:
         return None
     finally:
-        await queue.cancel(tag)
+        await channel.close()
 
 
 async def readiness(url: str) -> dict[str, Any]:
@@ -163,10 +160,12 @@ def text(report: dict[str, Any]) -> list[str]:
 
 
 def _delayed(delayed: dict[str, Any]) -> str:
-    line = f"delayed: {delayed['messages']} messages waiting"
-    if delayed["messages"]:
-        near, far = delayed["nearest_level"], delayed["farthest_level"]
-        line += f" (due in {_due(near)} at the nearest, {_due(far)} at the farthest)"
+    line = f"delayed (retries, expiry timers): {delayed['messages']} messages waiting"
+    near, far = delayed["nearest_level"], delayed["farthest_level"]
+    if near is not None and near == far:
+        line += f", due in {_due(near)}"
+    elif near is not None:
+        line += f", the nearest due in {_due(near)}, the farthest in {_due(far)}"
     return line
 
 
