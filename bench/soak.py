@@ -366,8 +366,8 @@ async def census(channel: AbstractChannel, names: Names, tally: Tally) -> Leftov
     fence."""
     left = Leftovers()
     for name in names.all_queues():
-        # The fence and its index are streams (no basic.get): the worker's record, not grants.
-        streams = (names.fence, names.fence_index)
+        # The fence, its index and the activity are streams (no basic.get), not grants.
+        streams = (names.fence, names.fence_index, names.activity)
         if name in (names.dead, *streams) or (await queue_counts(channel, name))[0] == 0:
             continue
         queue = await channel.get_queue(name)

@@ -29,6 +29,7 @@ Connection: TypeAlias = aio_pika.abc.AbstractRobustConnection
 Publish: TypeAlias = Callable[..., Awaitable[None]]
 StartWorker: TypeAlias = Callable[..., Awaitable[Service]]
 Json: TypeAlias = dict[str, Any]
+Cli: TypeAlias = Callable[..., Awaitable[tuple[int, str, str]]]
 
 
 async def drain(connection: Connection, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:

@@ -1,4 +1,5 @@
-"""The `ikw` command: run, demo, sandbox, publish, topology, dlq, schema, templates."""
+"""The `ikw` command: run, demo, sandbox, publish, topology, status, activity, schema, dlq,
+templates."""
 
 import argparse
 import asyncio
@@ -23,11 +24,13 @@ from worker.commands import (
     USAGE,
     Failed,
     Subcommands,
+    activity,
     demo,
     publish,
     run,
     sandbox,
     schema,
+    status,
     topology,
 )
 from worker.errors import InvalidEvent
@@ -55,6 +58,8 @@ COMMANDS: dict[str, Command] = {
     "sandbox": sandbox,
     "publish": publish,
     "topology": topology,
+    "status": status,
+    "activity": activity,
     "schema": schema,
     "dlq": dlq,
     "templates": template_tools,

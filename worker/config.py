@@ -195,6 +195,12 @@ class BrokerSettings:
         "replicas of each new quorum queue and stream (default: the broker's)",
         whole(1, 99),
     )
+    activity_retention: timedelta = setting(
+        "IKW_ACTIVITY_RETENTION",
+        timedelta(days=7),
+        "how far back `ikw activity` sees (the activity stream's age; 7d)",
+        duration,
+    )
     allow_insecure: bool = setting(
         "IKW_ALLOW_INSECURE",
         False,

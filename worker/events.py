@@ -536,6 +536,21 @@ def event_key(event: Event) -> str:
             assert_never(event)
 
 
+def reservation_of(event: Event) -> str | None:
+    """The booking system's reservation the event belongs to, for the activity record."""
+    match event:
+        case AccessGranted():
+            return event.stay.reservation_key if event.stay else None
+        case AccessRevoked() | StayEnd():
+            return event.reservation_key
+        case StayDelivery():
+            return reservation_of(event.grant)
+        case KeyCleanup():
+            return None
+        case _:
+            assert_never(event)
+
+
 def occurred_at(event: Event) -> datetime | None:
     """When its producer says it occurred; None for the worker's own cleanups."""
     match event:

@@ -61,6 +61,11 @@ class Names:
         return f"{self.namespace}.fence.index"
 
     @property
+    def activity(self) -> str:
+        """The stream of what became of each message (``ikw activity``): ids, never a contact."""
+        return f"{self.namespace}.activity"
+
+    @property
     def unroutable(self) -> str:
         """The main exchange's alternate exchange, and its queue, for events no queue takes."""
         return f"{self.namespace}.unroutable"
@@ -105,6 +110,7 @@ class Names:
             self.unheard,
             self.fence,
             self.fence_index,
+            self.activity,
             *(self.delay(n) for n in range(LEVELS)),
         ]
 

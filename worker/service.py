@@ -8,16 +8,19 @@ import resource
 import signal
 import time
 
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
 from opentelemetry.trace import Tracer, TracerProvider
 
 from worker import tracing
 from worker.broker import topology
+from worker.broker.activity import ActivityLog
 from worker.broker.connect import BROKER_ERRORS, connect
 from worker.broker.consumer import Consumer
 from worker.broker.decision import Limits, Trust
 from worker.broker.fence import StreamFence
+from worker.broker.observers import Activity
 from worker.broker.publisher import Publisher
 from worker.broker.returns import Returns
 from worker.channels import CHANNELS
@@ -107,6 +110,7 @@ class Service:
         self.connection: AbstractRobustConnection | None = None
         self.consumer: Consumer | None = None
         self.fence: StreamFence | None = None
+        self.activity: ActivityLog | None = None
         self.http: Served | None = None
         self.stopping = asyncio.Event()
         self._guard: asyncio.Task[None] | None = None
@@ -152,7 +156,8 @@ class Service:
         await consuming.set_qos(prefetch_count=self.settings.prefetch)
         publishing = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         following = await self.connection.channel()
-        self._channels = [consuming, publishing, following]
+        recording = await self.connection.channel(publisher_confirms=False)
+        self._channels = [consuming, publishing, following, recording]
         await self._topology()
         if self.stopping.is_set():  # stopped while waiting for the topology
             return
@@ -164,6 +169,15 @@ class Service:
         self.metrics.follow(self.fence)
         await self.fence.start(following)
         self.consumer = self._consumer(consuming, publisher, self.fence)
+        if await self._exists(self.names.activity):
+            self.activity = ActivityLog(recording, self.names.activity, self.settings.broker_user)
+            self.activity.start()
+            self.consumer.observers.append(Activity(self.activity.record))
+        else:
+            log.warning(
+                "no stream %s: nothing is recorded for `ikw activity`; run `ikw topology`",
+                self.names.activity,
+            )
         consuming.close_callbacks.add(self.consumer.lost)
         self._recording = asyncio.create_task(self.returns.record(self.fence.append))
         assert self.http is not None
@@ -201,7 +215,11 @@ class Service:
         # topology again at every reopen, and one queue without a leader failed it all.
         declaring = await self.connection.channel()
         await topology.declare(
-            declaring, self.names, self.settings.revoke_retention, self.settings.quorum_size
+            declaring,
+            self.names,
+            self.settings.revoke_retention,
+            self.settings.quorum_size,
+            activity_retention=self.settings.activity_retention,
         )
         await declaring.close()
 
@@ -310,6 +328,8 @@ class Service:
             cancelled = await self.consumer.stop(self.settings.shutdown_grace.total_seconds())
             if cancelled:
                 log.warning("%d messages left unfinished; the broker requeues them", cancelled)
+        if self.activity:
+            await self.activity.stop(CLOSE_TIMEOUT)
         if self._recording and self.fence:
             self._recording.cancel()
             try:  # the replicas that take them over must not count them as crashes
@@ -365,6 +385,17 @@ class Service:
         except TimeoutError:
             pass
         return min(delay * 2, cap)
+
+    async def _exists(self, name: str) -> bool:
+        """A passive declare of a queue on a channel of its own."""
+        assert self.connection is not None
+        channel = await self.connection.channel()
+        try:
+            await channel.get_queue(name, ensure=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        await channel.close()
+        return True
 
     async def run(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""

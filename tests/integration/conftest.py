@@ -1,5 +1,6 @@
 """Real RabbitMQ (AMQP_URL, default 127.0.0.1:5672), real sockets to the shipped stand-ins."""
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -10,11 +11,12 @@ import aio_pika
 import pytest
 
 from tests.builders import body
-from tests.helpers import AMQP_URL, BROKER_USER, WorkerProcess
+from tests.helpers import AMQP_URL, BROKER_USER, Cli, WorkerProcess
 from worker import config
 from worker.broker import topology
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
+from worker.cli import main
 from worker.logs import JsonFormatter
 from worker.sandbox import changed
 from worker.sandbox.all import Sandbox
@@ -43,6 +45,22 @@ def log_lines() -> Any:
     yield handler.lines
     root.removeHandler(handler)
     root.setLevel(old_level)
+
+
+@pytest.fixture
+def cli(names: Names, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """`ikw ...` on the test's namespace through the real entry point, in a thread; returns
+    (exit code, stdout, stderr)."""
+    monkeypatch.setenv("IKW_NAMESPACE", names.namespace)
+    monkeypatch.setenv("AMQP_URL", AMQP_URL)
+
+    async def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
 
 
 @pytest.fixture

@@ -116,7 +116,18 @@ def test_version_is_the_package_version() -> None:
     assert (result.returncode, result.stdout) == (0, f"ikw {metadata.version(PACKAGE)}\n")
 
 
-COMMANDS = ["run", "demo", "sandbox", "publish", "topology", "schema", "dlq", "templates"]
+COMMANDS = [
+    "run",
+    "demo",
+    "sandbox",
+    "publish",
+    "topology",
+    "status",
+    "activity",
+    "schema",
+    "dlq",
+    "templates",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

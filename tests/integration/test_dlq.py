@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import aio_pika
@@ -17,9 +18,8 @@ import pamqp.header
 import pytest
 
 from tests.builders import body, grant
-from tests.helpers import AMQP_URL, Connection, Publish, StartWorker, dead_lettered
+from tests.helpers import AMQP_URL, Cli, Connection, Publish, StartWorker, dead_lettered
 from worker import dlq
-from worker.cli import main
 from worker.queues import DELIVERY_LIMIT, Names
 from worker.sandbox import wait_for
 from worker.sandbox.all import Sandbox
@@ -29,18 +29,9 @@ Ikw = Callable[..., Awaitable[tuple[int, str, str]]]
 
 
 @pytest.fixture
-def ikw(names: Names, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Ikw:
+def ikw(cli: Cli) -> Ikw:
     """`ikw dlq ...` through the real entry point; returns (exit code, stdout, stderr)."""
-    monkeypatch.setenv("IKW_NAMESPACE", names.namespace)
-    monkeypatch.setenv("AMQP_URL", AMQP_URL)
-
-    async def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = await asyncio.to_thread(main, ["dlq", *args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+    return partial(cli, "dlq")
 
 
 @pytest.fixture

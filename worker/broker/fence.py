@@ -42,7 +42,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _decode(body: bytes) -> Entry | None:
+def decode(body: bytes) -> Entry | None:
     try:
         entry = json.loads(body)
     except (ValueError, RecursionError):
@@ -50,11 +50,11 @@ def _decode(body: bytes) -> Entry | None:
     return entry if isinstance(entry, dict) else None
 
 
-async def _consume(
+async def consume_stream(
     channel: AbstractChannel,
     stream: str,
     callback: Callable[[AbstractIncomingMessage], Awaitable[None]],
-    offset: int | str,
+    offset: int | str | datetime,
 ) -> tuple[AbstractQueue, ConsumerTag]:
     """Read ``stream`` from ``offset``. Not aio-pika's robust consumer: after every reconnect
     it would start again from ``offset`` (the whole stream, for "first"); the fence resumes
@@ -252,14 +252,14 @@ class StreamFence:
         seen = self._expect(marker)
 
         async def take(message: AbstractIncomingMessage) -> None:
-            entry = _decode(message.body) if message.user_id == self.worker_user else None
+            entry = decode(message.body) if message.user_id == self.worker_user else None
             if entry is not None:
                 self._seen(entry.get("marker"))
                 if isinstance(entry.get("from"), int):
                     pointers.append(entry["from"])
             await self._ack(message)
 
-        queue, tag = await _consume(channel, self.names.fence_index, take, "first")
+        queue, tag = await consume_stream(channel, self.names.fence_index, take, "first")
         try:
             body = json.dumps({"t": "marker", "marker": marker}).encode()
             await self.publisher.to_queue(self.names.fence_index, body)
@@ -270,7 +270,7 @@ class StreamFence:
         return max(pointers, default=None)
 
     async def _follow(self, channel: AbstractChannel, offset: int | str) -> None:
-        _, self._tag = await _consume(channel, self.names.fence, self._on_message, offset)
+        _, self._tag = await consume_stream(channel, self.names.fence, self._on_message, offset)
         underlay = await channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(self._cancelled)
 
@@ -330,7 +330,7 @@ class StreamFence:
             pass
 
     def _read(self, body: bytes) -> None:
-        entry = _decode(body)
+        entry = decode(body)
         if entry is None:
             log.warning("ignored a malformed fence record")
             return

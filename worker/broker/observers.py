@@ -3,7 +3,7 @@ its handling (``watch``), once its event is accepted, and once it is settled."""
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, assert_never
 
@@ -11,6 +11,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
 from worker import tracing
+from worker.broker.activity import Entry, entry
 from worker.broker.decision import DeadLetter, Retry, Settled
 from worker.broker.settle import Handling, printable
 from worker.events import (
@@ -135,6 +136,16 @@ class Measures(Observer):
             if h.outcome.action in STAY_ACTIONS:
                 metrics.stays.labels(h.outcome.action).inc()
         metrics.messages.labels(h.queue, h.settled).inc()
+
+
+class Activity(Observer):
+    """An entry in the activity stream per settled message (``ikw activity``)."""
+
+    def __init__(self, record: Callable[[Entry], None]) -> None:
+        self.record = record
+
+    def settled(self, h: Handling) -> None:
+        self.record(entry(h))
 
 
 class Logs(Observer):

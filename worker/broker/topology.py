@@ -12,15 +12,30 @@ from datetime import timedelta
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, ExchangeType
 
 from worker.queues import DELIVERY_LIMIT, LEVELS, Names
 
 REVOKE_RETENTION = timedelta(days=30)
+ACTIVITY_RETENTION = timedelta(days=7)
 # Stream retention drops whole segments only: small segments let x-max-age take effect.
 FENCE_SEGMENT_BYTES = 1_000_000
+# The activity stream takes an entry per message: larger segments, fewer files (a day of 10
+# messages/s is about 3 MB of entries).
+ACTIVITY_SEGMENT_BYTES = 10_000_000
 
-__all__ = ["LEVELS", "Names", "check", "declare", "delete", "describe", "first_missing", "plan"]
+__all__ = [
+    "LEVELS",
+    "Names",
+    "check",
+    "counts",
+    "declare",
+    "delete",
+    "describe",
+    "first_missing",
+    "plan",
+]
 
 
 def _level_pattern(level: int, bit: str) -> str:
@@ -36,6 +51,7 @@ def plan(
     revoke_retention: timedelta = REVOKE_RETENTION,
     quorum_size: int | None = None,
     producers: Sequence[str] = (),
+    activity_retention: timedelta = ACTIVITY_RETENTION,
 ) -> list[Row]:
     """The topology as (kind, name, details) rows, for declaring, printing and checking.
     An exchange's details are its type and its arguments. ``producers``: a queue of its own
@@ -47,8 +63,9 @@ def plan(
         replicas["x-initial-cluster-size"] = quorum_size
     rows = _exchanges(names, quorum)
     for stream in (names.fence, names.fence_index):
-        retention = f"{max(1, int(revoke_retention.total_seconds()))}s"
-        rows.append(("queue", stream, _stream(retention, replicas)))
+        rows.append(("queue", stream, _stream(revoke_retention, FENCE_SEGMENT_BYTES, replicas)))
+    activity = _stream(activity_retention, ACTIVITY_SEGMENT_BYTES, replicas)
+    rows.append(("queue", names.activity, activity))
     rows += _work_queues(names, quorum)
     rows += _delay_levels(names, quorum)
     for producer in producers:
@@ -75,11 +92,11 @@ def _exchanges(names: Names, quorum: dict[str, Any]) -> list[Row]:
     ]
 
 
-def _stream(retention: str, replicas: dict[str, Any]) -> dict[str, Any]:
+def _stream(retention: timedelta, segment: int, replicas: dict[str, Any]) -> dict[str, Any]:
     return {
         "x-queue-type": "stream",
-        "x-max-age": retention,
-        "x-stream-max-segment-size-bytes": FENCE_SEGMENT_BYTES,
+        "x-max-age": f"{max(1, int(retention.total_seconds()))}s",
+        "x-stream-max-segment-size-bytes": segment,
         **replicas,
     }
 
@@ -127,10 +144,11 @@ async def declare(
     revoke_retention: timedelta = REVOKE_RETENTION,
     quorum_size: int | None = None,
     producers: Sequence[str] = (),
+    activity_retention: timedelta = ACTIVITY_RETENTION,
 ) -> None:
     exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
     queues: dict[str, aio_pika.abc.AbstractQueue] = {}
-    rows = plan(names, revoke_retention, quorum_size, producers)
+    rows = plan(names, revoke_retention, quorum_size, producers, activity_retention)
     for kind, name, details in rows:
         if kind == "exchange":
             kind_of, arguments = details["type"], {k: v for k, v in details.items() if k != "type"}
@@ -177,6 +195,27 @@ async def first_missing(channel: AbstractChannel, names: Names) -> str | None:
             if not await _exists(channel, kind, name):
                 return f"{kind} {name}"
     return None
+
+
+async def counts(
+    connection: aio_pika.abc.AbstractRobustConnection, queues: Sequence[str]
+) -> dict[str, tuple[int, int]]:
+    """Ready messages and consumers of each of ``queues`` that exists (passive declares, on the
+    raw channel: a robust one answers a passive declare from its cache)."""
+    channel = await connection.channel()
+    found: dict[str, tuple[int, int]] = {}
+    try:
+        for name in queues:
+            raw = await channel.get_underlay_channel()
+            try:
+                ok = await raw.queue_declare(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                await channel.reopen()
+                continue
+            found[name] = (ok.message_count or 0, ok.consumer_count or 0)
+    finally:
+        await channel.close()
+    return found
 
 
 async def delete(channel: AbstractChannel, names: Names, producers: Sequence[str] = ()) -> None:

@@ -4,7 +4,6 @@ import argparse
 import sys
 
 import aio_pika
-import aiormq
 
 from worker import config
 from worker.broker import topology
@@ -66,7 +65,11 @@ async def run(args: argparse.Namespace) -> int:
         if args.check:
             return await _check(args, channel, names)
         await topology.declare(
-            channel, names, quorum_size=settings.quorum_size, producers=args.producer
+            channel,
+            names,
+            quorum_size=settings.quorum_size,
+            producers=args.producer,
+            activity_retention=settings.activity_retention,
         )
         print(topology.describe(names, args.producer))
         return OK
@@ -84,19 +87,8 @@ async def _check(
 
 async def depths(connection: aio_pika.abc.AbstractRobustConnection, names: Names) -> dict[str, int]:
     """Ready messages of each queue of the namespace that exists (passive declares)."""
-    channel = await connection.channel()
-    found: dict[str, int] = {}
-    try:
-        for name in names.all_queues():
-            try:
-                queue = await channel.declare_queue(name, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                await channel.reopen()
-                continue
-            found[name] = queue.declaration_result.message_count or 0
-    finally:
-        await channel.close()
-    return found
+    found = await topology.counts(connection, names.all_queues())
+    return {name: ready for name, (ready, _) in found.items()}
 
 
 def _at_stake(names: Names, found: dict[str, int]) -> list[str]:
