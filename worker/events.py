@@ -90,6 +90,7 @@ class GuestIdentity(IdentityRef):
 
 ChannelName = Literal["sms", "email"]
 DeletedWhy = Literal["expired", "revoked", "converged"]
+RevokeReason = Literal["cancelled", "checked_out", "no_show", "other"]
 
 
 def _time_zone(value: str) -> str:
@@ -260,14 +261,24 @@ def granted(
     channels: Sequence[str] = ("sms", "email"),
     locale: str = "en",
     max_use_count: int = 1,
+    time_zone: str | None = None,
+    property_name: str | None = None,
+    stay: dict[str, Any] | None = None,
     event_id: str | None = None,
     grant_id: str | None = None,
     occurred_at: datetime | None = None,
 ) -> dict[str, Any]:
     """An ``access.granted`` v1 event as a producer writes it, ready for ``json.dumps``: the one
-    builder the CLI, the demo, the bench and the tests share."""
+    builder the CLI, the demo, the bench and the tests share. ``stay``: ``reservation_key``,
+    ``starts_at`` and ``ends_at`` (RFC 3339 with an offset), optionally ``deliver_at`` and
+    ``revision`` (default 0)."""
     event_id = event_id or str(uuid.uuid4())
-    return {
+    delivery: dict[str, Any] = {"channels": list(channels), "locale": locale}
+    if time_zone is not None:
+        delivery["time_zone"] = time_zone
+    if property_name is not None:
+        delivery["property_name"] = property_name
+    event: dict[str, Any] = {
         "type": "access.granted",
         "version": 1,
         "event_id": event_id,
@@ -280,22 +291,50 @@ def granted(
             "email_address": email_address,
             "phone_number": phone_number,
         },
-        "delivery": {"channels": list(channels), "locale": locale},
+        "delivery": delivery,
         "instant_key": {"customization_profile_id": None, "max_use_count": max_use_count},
     }
+    if stay is not None:
+        event["stay"] = _stay(**stay)
+    return event
+
+
+def _stay(
+    *,
+    reservation_key: str,
+    starts_at: datetime | str,
+    ends_at: datetime | str,
+    deliver_at: datetime | str | None = None,
+    revision: int = 0,
+) -> dict[str, Any]:
+    """A grant's ``stay``; a datetime is written as RFC 3339 (it needs an offset)."""
+    moments = {"starts_at": starts_at, "ends_at": ends_at, "deliver_at": deliver_at}
+    written = {name: _rfc3339(moment) for name, moment in moments.items() if moment is not None}
+    return {"reservation_key": reservation_key, **written, "revision": revision}
+
+
+def _rfc3339(moment: datetime | str) -> str:
+    if isinstance(moment, str):
+        return moment
+    if moment.tzinfo is None:
+        raise ValueError("a stay's moments need an offset")
+    return _stamp(moment)
 
 
 def revoked(
     *,
     user_identity_key: str | None = None,
     user_identity_id: str | None = None,
+    reservation_key: str | None = None,
+    reason: RevokeReason | None = None,
     event_id: str | None = None,
     grant_id: str | None = None,
     occurred_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """An ``access.revoked`` v1 event as a producer writes it."""
+    """An ``access.revoked`` v1 event as a producer writes it; with ``reservation_key``, it ends
+    that stay only (``reason``: why)."""
     event_id = event_id or str(uuid.uuid4())
-    return {
+    event: dict[str, Any] = {
         "type": "access.revoked",
         "version": 1,
         "event_id": event_id,
@@ -306,6 +345,11 @@ def revoked(
             "user_identity_key": user_identity_key,
         },
     }
+    if reservation_key is not None:
+        event["reservation_key"] = reservation_key
+    if reason is not None:
+        event["reason"] = reason
+    return event
 
 
 def _stamp(moment: datetime | None) -> str:

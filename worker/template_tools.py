@@ -21,6 +21,7 @@ from worker.channels.templates import (
     sms_segments,
     typical_sms,
 )
+from worker.commands import MOMENT_HELP, moment
 from worker.dates import time_zone
 
 OK, FAILED, USAGE = 0, 1, 2  # as worker.cli's exit codes
@@ -69,22 +70,10 @@ def add_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     )
     preview.add_argument(
         "--expires-at",
-        type=_moment,
-        help="when the key expires, ISO 8601 with an offset (default: 48 hours from now)",
+        type=moment,
+        help=f"when the key expires: {MOMENT_HELP} (default: 48 hours from now)",
     )
     preview.add_argument("--dir", type=Path, help="templates directory (default IKW_TEMPLATES_DIR)")
-
-
-def _moment(raw: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not an ISO 8601 time, e.g. 2026-11-28T23:30Z: {raw!r}"
-        ) from None
-    if moment.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"needs an offset or Z, e.g. 2026-11-28T23:30Z: {raw!r}")
-    return moment
 
 
 def run(args: argparse.Namespace) -> int:
