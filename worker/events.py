@@ -388,7 +388,7 @@ def parse(body: bytes, content_type: str | None, content_encoding: str | None = 
     except (ValueError, RecursionError) as exc:
         # ValueError: not JSON, not UTF-8, or an integer of more than 4300 digits.
         raise InvalidEvent(
-            f"body is not JSON: {exc.__class__.__name__}", reason=Reason.MALFORMED_JSON
+            f"body is not JSON: {_where(exc)}", reason=Reason.MALFORMED_JSON
         ) from None
     if not isinstance(data, dict):
         raise InvalidEvent("body is not a JSON object", reason=Reason.MALFORMED_JSON)
@@ -404,6 +404,16 @@ def parse(body: bytes, content_type: str | None, content_encoding: str | None = 
     except ValidationError as exc:
         raise InvalidEvent(describe(exc), reason=_reason(exc)) from None
     return event
+
+
+def _where(exc: Exception) -> str:
+    """What and where, never the text: it may hold a phone number or an email address."""
+    if isinstance(exc, json.JSONDecodeError):
+        at = exc.msg if exc.msg.endswith(" at") else f"{exc.msg} at"  # "… starting at"
+        return f"{at} line {exc.lineno}, column {exc.colno}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 at byte {exc.start} (UnicodeDecodeError)"
+    return type(exc).__name__
 
 
 def _is_json(content_type: str | None) -> bool:

@@ -104,3 +104,18 @@ def test_max_use_count_is_bounded(count: int) -> None:
 def test_a_name_that_cleans_to_nothing_is_no_reason_to_refuse_a_grant() -> None:
     event = parse(body(grant(name="\u200b\u200b")), "application/json")
     assert isinstance(event, AccessGranted)
+
+
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        (b'{"type": "access.granted", "vers', "Unterminated string starting at line 1, column 28"),
+        (b'{\n "phone": +14155550100}', "Expecting value at line 2, column 11"),
+        (b'{"email": "ada@example.com" "x": 1}', "Expecting ',' delimiter at line 1, column 29"),
+    ],
+)
+def test_a_body_that_is_not_json_says_where_never_what(raw: bytes, said: str) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse(raw, "application/json")
+    assert str(caught.value) == f"body is not JSON: {said}"
+    assert "14155550100" not in str(caught.value) and "ada@" not in str(caught.value)
