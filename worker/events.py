@@ -89,9 +89,9 @@ class GuestIdentity(IdentityRef):
 
 
 ChannelName = Literal["sms", "email"]
-EndReason = Literal["cancelled", "checked_out", "no_show", "other"]
+RevokeReason = Literal["cancelled", "checked_out", "no_show", "other"]
 # Why a key was deleted: its expiry, a revoke, duplicates, its stay's end, or the revoke's reason.
-DeletedWhy = Literal["expired", "revoked", "converged", "stay_ended"] | EndReason
+DeletedWhy = Literal["expired", "revoked", "converged", "stay_ended"] | RevokeReason
 DeliveryReason = Literal["initial", "renewal", "stay_changed"]
 
 
@@ -189,7 +189,7 @@ class AccessRevoked(EventBase):
     reservation_key: Text | None = Field(
         default=None, description="End this stay only (default: every stay of the identity)"
     )
-    reason: EndReason | None = Field(
+    reason: RevokeReason | None = Field(
         default=None,
         description="Why the stay ends, as instant_key.deleted's why (default "
         "cancelled for a reservation)",
@@ -366,14 +366,24 @@ def granted(
     channels: Sequence[str] = ("sms", "email"),
     locale: str = "en",
     max_use_count: int = 1,
+    time_zone: str | None = None,
+    property_name: str | None = None,
+    stay: dict[str, Any] | None = None,
     event_id: str | None = None,
     grant_id: str | None = None,
     occurred_at: datetime | None = None,
 ) -> dict[str, Any]:
     """An ``access.granted`` v1 event as a producer writes it, ready for ``json.dumps``: the one
-    builder the CLI, the demo, the bench and the tests share."""
+    builder the CLI, the demo, the bench and the tests share. ``stay``: ``reservation_key``,
+    ``starts_at`` and ``ends_at`` (RFC 3339 with an offset), optionally ``deliver_at`` and
+    ``revision`` (default 0)."""
     event_id = event_id or str(uuid.uuid4())
-    return {
+    delivery: dict[str, Any] = {"channels": list(channels), "locale": locale}
+    if time_zone is not None:
+        delivery["time_zone"] = time_zone
+    if property_name is not None:
+        delivery["property_name"] = property_name
+    event: dict[str, Any] = {
         "type": "access.granted",
         "version": 1,
         "event_id": event_id,
@@ -386,22 +396,50 @@ def granted(
             "email_address": email_address,
             "phone_number": phone_number,
         },
-        "delivery": {"channels": list(channels), "locale": locale},
+        "delivery": delivery,
         "instant_key": {"customization_profile_id": None, "max_use_count": max_use_count},
     }
+    if stay is not None:
+        event["stay"] = _stay(**stay)
+    return event
+
+
+def _stay(
+    *,
+    reservation_key: str,
+    starts_at: datetime | str,
+    ends_at: datetime | str,
+    deliver_at: datetime | str | None = None,
+    revision: int = 0,
+) -> dict[str, Any]:
+    """A grant's ``stay``; a datetime is written as RFC 3339 (it needs an offset)."""
+    moments = {"starts_at": starts_at, "ends_at": ends_at, "deliver_at": deliver_at}
+    written = {name: _rfc3339(moment) for name, moment in moments.items() if moment is not None}
+    return {"reservation_key": reservation_key, **written, "revision": revision}
+
+
+def _rfc3339(moment: datetime | str) -> str:
+    if isinstance(moment, str):
+        return moment
+    if moment.tzinfo is None:
+        raise ValueError("a stay's moments need an offset")
+    return _stamp(moment)
 
 
 def revoked(
     *,
     user_identity_key: str | None = None,
     user_identity_id: str | None = None,
+    reservation_key: str | None = None,
+    reason: RevokeReason | None = None,
     event_id: str | None = None,
     grant_id: str | None = None,
     occurred_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """An ``access.revoked`` v1 event as a producer writes it."""
+    """An ``access.revoked`` v1 event as a producer writes it; with ``reservation_key``, it ends
+    that stay only (``reason``: why)."""
     event_id = event_id or str(uuid.uuid4())
-    return {
+    event: dict[str, Any] = {
         "type": "access.revoked",
         "version": 1,
         "event_id": event_id,
@@ -412,6 +450,11 @@ def revoked(
             "user_identity_key": user_identity_key,
         },
     }
+    if reservation_key is not None:
+        event["reservation_key"] = reservation_key
+    if reason is not None:
+        event["reason"] = reason
+    return event
 
 
 def _stamp(moment: datetime | None) -> str:
@@ -450,7 +493,7 @@ def parse(body: bytes, content_type: str | None, content_encoding: str | None = 
     except (ValueError, RecursionError) as exc:
         # ValueError: not JSON, not UTF-8, or an integer of more than 4300 digits.
         raise InvalidEvent(
-            f"body is not JSON: {exc.__class__.__name__}", reason=Reason.MALFORMED_JSON
+            f"body is not JSON: {_where(exc)}", reason=Reason.MALFORMED_JSON
         ) from None
     if not isinstance(data, dict):
         raise InvalidEvent("body is not a JSON object", reason=Reason.MALFORMED_JSON)
@@ -486,6 +529,16 @@ def _short(value: object) -> str | None:
     if isinstance(value, str) and 0 < len(value) <= 255 and value.isprintable():
         return value
     return None
+
+
+def _where(exc: Exception) -> str:
+    """What and where, never the text: it may hold a phone number or an email address."""
+    if isinstance(exc, json.JSONDecodeError):
+        at = exc.msg if exc.msg.endswith(" at") else f"{exc.msg} at"  # "… starting at"
+        return f"{at} line {exc.lineno}, column {exc.colno}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 at byte {exc.start} (UnicodeDecodeError)"
+    return type(exc).__name__
 
 
 def _is_json(content_type: str | None) -> bool:

@@ -24,7 +24,7 @@ from worker.broker.observers import Activity
 from worker.broker.publisher import Publisher
 from worker.broker.returns import Returns
 from worker.channels import CHANNELS
-from worker.channels.templates import Templates
+from worker.channels.templates import Templates, sms_cost
 from worker.channels.wiring import Needs
 from worker.config import Settings
 from worker.errors import CredentialsRefused
@@ -82,7 +82,11 @@ def load_templates(settings: Settings) -> Templates:
 
 def build_channels(settings: Settings, tracer: Tracer | None = None) -> dict[str, Channel]:
     """The configured channels, each built by its own wiring (worker/channels)."""
-    needs = Needs(load_templates(settings), settings.prefetch, tracer)
+    templates = load_templates(settings)
+    if "sms" in settings.channels:
+        for line in sms_cost(templates):  # sent all the same; each extra segment is billed
+            log.warning("SMS over one GSM-7 segment: %s", line)
+    needs = Needs(templates, settings.prefetch, tracer)
     return {
         wiring.name: wiring.build(settings.channels[wiring.name], needs)
         for wiring in CHANNELS

@@ -1,6 +1,7 @@
 """`ikw templates check` and `ikw templates preview`: the words before a guest reads them."""
 
 import argparse
+import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,15 +11,17 @@ from worker.channels.templates import (
     MAX_SMS_SEGMENTS,
     PARTS,
     SAMPLE_NAME,
-    SAMPLE_PROPERTY,
     SHIPPED,
     VARIABLES,
     TemplateProblem,
     Templates,
     sample,
+    sms_cost,
     sms_encoding,
     sms_segments,
+    typical_sms,
 )
+from worker.commands import MOMENT_HELP, moment
 from worker.dates import time_zone
 
 OK, FAILED, USAGE = 0, 1, 2  # as worker.cli's exit codes
@@ -67,22 +70,10 @@ def add_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     )
     preview.add_argument(
         "--expires-at",
-        type=_moment,
-        help="when the key expires, ISO 8601 with an offset (default: 48 hours from now)",
+        type=moment,
+        help=f"when the key expires: {MOMENT_HELP} (default: 48 hours from now)",
     )
     preview.add_argument("--dir", type=Path, help="templates directory (default IKW_TEMPLATES_DIR)")
-
-
-def _moment(raw: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not an ISO 8601 time, e.g. 2026-11-28T23:30Z: {raw!r}"
-        ) from None
-    if moment.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"needs an offset or Z, e.g. 2026-11-28T23:30Z: {raw!r}")
-    return moment
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,13 +83,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check(directory: Path | None) -> int:
+    # The time zone and property name the worker would use; DIR stands for IKW_TEMPLATES_DIR.
+    env = {k: v for k, v in os.environ.items() if directory is None or k != "IKW_TEMPLATES_DIR"}
+    settings = config.guest_settings(env)
     if directory is None:
-        directory = config.guest_settings().templates_dir
+        directory = settings.templates_dir
     if directory is not None and not directory.is_dir():
         print(f"ikw: {directory} is not a directory", file=sys.stderr)
         return USAGE
     try:
-        templates = Templates(directory)
+        templates = Templates(
+            directory, time_zone=settings.time_zone, property_name=settings.property_name
+        )
     except TemplateProblem as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -111,22 +107,10 @@ def check(directory: Path | None) -> int:
     except OSError as exc:
         print(f"ikw: cannot read {directory}: {exc.strerror}", file=sys.stderr)
         return FAILED
-    width = max(len(part.name) for part in templates.parts.values())
-    for (key, name), part in sorted(
-        templates.parts.items(), key=lambda item: (item[0][0], PARTS.index(item[0][1]))
-    ):
-        line = f"{part.name:<{width}}  {part.origin:<7}"
-        if name == "sms.txt":
-            sms = templates.sms(sample(locale=key, property_name=SAMPLE_PROPERTY))
-            segments = sms_segments(sms)
-            line += (
-                f"  {segments} segment{'s' * (segments != 1)}, {sms_encoding(sms)}, "
-                f"{len(sms)} characters with sample data"
-            )
-            bare = templates.sms(sample(locale=key, full_name=None, property_name=SAMPLE_PROPERTY))
-            if sms_segments(bare) > MAX_SMS_SEGMENTS:
-                line += f" (over {MAX_SMS_SEGMENTS} segments even without the guest's name)"
-        print(line.rstrip())
+    for line in _listing(templates):
+        print(line)
+    for warning in sms_cost(templates):
+        print(f"warning: {warning}", file=sys.stderr)
     custom = sum(part.origin == "custom" for part in templates.parts.values())
     source = templates.directory or "the shipped set"
     print(
@@ -134,6 +118,28 @@ def check(directory: Path | None) -> int:
         f", {custom} of {len(templates.parts)} files from {source}"
     )
     return OK
+
+
+def _listing(templates: Templates) -> list[str]:
+    """A line per part: where it comes from and, for the SMS, its length with sample data."""
+    width = max(len(part.name) for part in templates.parts.values())
+    lines = []
+    for (key, name), part in sorted(
+        templates.parts.items(), key=lambda item: (item[0][0], PARTS.index(item[0][1]))
+    ):
+        line = f"{part.name:<{width}}  {part.origin:<7}"
+        if name == "sms.txt":
+            sms = typical_sms(templates, key)
+            segments = sms_segments(sms)
+            line += (
+                f"  {segments} segment{'s' * (segments != 1)}, {sms_encoding(sms)}, "
+                f"{len(sms)} characters with sample data"
+            )
+            bare = templates.sms(sample(locale=key, full_name=None))
+            if sms_segments(bare) > MAX_SMS_SEGMENTS:
+                line += f" (over {MAX_SMS_SEGMENTS} segments even without the guest's name)"
+        lines.append(line.rstrip())
+    return lines
 
 
 def preview(args: argparse.Namespace) -> int:

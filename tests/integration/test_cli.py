@@ -16,7 +16,7 @@ import aiormq
 import pytest
 
 from tests.helpers import AMQP_URL, IKW, Connection
-from worker import config
+from worker import config, contract
 from worker.broker.connect import connect
 from worker.broker.topology import Names
 from worker.logs import quiet_reconnects
@@ -302,6 +302,44 @@ async def test_topology_declares_each_producer_s_outcome_queue(
     assert "a producer is its broker user: 1 to 64 letters, digits, '_' or '-', got 'a.b'" in (
         result.stderr
     )
+
+
+async def test_topology_check_of_a_namespace_never_declared_is_one_line(
+    amqp: Connection, names: Names
+) -> None:
+    absent = f"ikw_test_absent_{uuid.uuid4().hex[:6]}"
+    result = await aikw("topology", "--check", namespace=absent)
+    assert (result.returncode, result.stderr) == (1, "")
+    assert result.stdout == f"namespace {absent} is not declared: run `ikw topology`\n"
+
+    channel = await amqp.channel()
+    await channel.queue_delete(names.dead)  # partly missing: each missing part is named
+    result = await aikw("topology", "--check", namespace=names.namespace)
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [f"missing: queue {names.dead}", "1 missing"]
+
+
+def test_schema_check_says_up_to_date_missing_or_stale(tmp_path: Path) -> None:
+    count = len(contract.render())
+    fine = ikw("schema", "--check")
+    assert (fine.returncode, fine.stdout) == (0, f"schemas/ is up to date: {count} files\n")
+
+    nowhere = ikw("schema", "--check", "--out", str(tmp_path / "none"))
+    assert (nowhere.returncode, nowhere.stdout) == (
+        1,
+        f"{tmp_path / 'none'}/ is missing: run `ikw schema --out {tmp_path / 'none'}`\n",
+    )
+
+    assert ikw("schema", "--out", str(tmp_path)).returncode == 0
+    (tmp_path / "access.granted.v1.json").unlink()
+    (tmp_path / "asyncapi.json").write_text("{}")
+    some = ikw("schema", "--check", "--out", str(tmp_path))
+    assert some.returncode == 1
+    assert some.stdout.splitlines() == [
+        f"missing: {tmp_path / 'access.granted.v1.json'}",
+        f"stale: {tmp_path / 'asyncapi.json'}",
+        f"2 of {count} files to write: run `ikw schema --out {tmp_path}`",
+    ]
 
 
 async def test_a_reader_that_stops_early_ends_quietly(amqp: Connection, names: Names) -> None:

@@ -111,6 +111,27 @@ async def test_refused_numbers_fall_through_to_the_next_channel(
     assert twilio.outbox == []
 
 
+@pytest.mark.parametrize(
+    ("sender", "code"),
+    [
+        ("+15005550001", "21212"),  # invalid
+        ("+15005550007", "21606"),  # not the account's, or not SMS-capable
+        ("+15005550008", "21611"),  # its queue is full
+    ],
+)
+async def test_twilio_s_magic_senders_are_refused_as_twilio_documents(
+    twilio: TwilioSandbox, sender: str, code: str
+) -> None:
+    channel = SmsChannel(twilio.account_sid, twilio.auth_token, from_=sender, api_url=twilio.url)
+    try:
+        with pytest.raises(ChannelRefused) as raised:
+            await channel.send(MESSAGE)
+    finally:
+        await channel.close()
+    assert str(raised.value) == f"twilio refused the message (code {code})"
+    assert twilio.outbox == []
+
+
 async def test_malformed_number_is_refused(sms: SmsChannel) -> None:
     with pytest.raises(ChannelRefused) as raised:
         await sms.send(replace(MESSAGE, phone_number="0044 20 7946 0000"))

@@ -113,8 +113,8 @@ async def test_paris_time_in_french_and_canadian_french(
 
     paris, utc = (sent["body"] for sent in sandbox.twilio.outbox)
     assert paris.startswith("Bonjour Ada Lovelace, voici votre clé : https://ik.seam.co/")
-    assert paris.endswith("Elle est valable jusqu'au 29 nov. 2026, 00:30 UTC+01:00.")
-    assert utc.endswith("Elle est valable jusqu'au 28 nov. 2026, 23:30 TU.")
+    assert paris.endswith(" Valable jusqu'au 29 nov. 2026, 00:30 UTC+01:00.")
+    assert utc.endswith(" Valable jusqu'au 28 nov. 2026, 23:30 TU.")
     subject, text, html = parts(sandbox.smtp.messages[0])
     # fr-CA: the fr words, the date as Babel writes fr_CA
     assert subject == "Votre clé numérique"
@@ -206,9 +206,19 @@ def test_ikw_templates_check_passes_on_the_shipped_set_and_the_example() -> None
     shipped = ikw("templates", "check", str(SHIPPED))
     assert shipped.returncode == 0, shipped.stderr
     assert "en/sms.txt            shipped  1 segment, GSM-7," in shipped.stdout
-    assert "es/sms.txt            shipped  3 segments, UCS-2," in shipped.stdout
+    assert "es/sms.txt            shipped  1 segment, GSM-7," in shipped.stdout
     assert shipped.stdout.splitlines()[-1] == (
         "templates ok: 4 locales (de, en, es, fr), 0 of 16 files from the shipped set"
+    )
+    assert shipped.stderr == ""  # every shipped SMS: one GSM-7 segment
+
+    hotel = ikw("templates", "check", IKW_PROPERTY_NAME="Hôtel Bellevue")
+    assert hotel.returncode == 0, hotel.stderr
+    assert "fr/sms.txt            shipped  3 segments, UCS-2," in hotel.stdout
+    warned = hotel.stderr.splitlines()
+    assert len(warned) == 4  # one per locale: each names the property
+    assert warned[3].startswith(
+        "warning: fr/sms.txt: 3 segments, UCS-2 ('ô' U+00F4 from IKW_PROPERTY_NAME), "
     )
 
     example = ikw("templates", "check", str(EXAMPLE))

@@ -112,3 +112,18 @@ def test_a_glimpse_of_a_refused_body_reads_only_short_printable_strings() -> Non
     nothing = {"event_id": None, "grant_id": None, "type": None}
     assert glimpse(b"[" * 60_000) == nothing  # too deep for json
     assert glimpse(b'{"event_id": "e-1", "pad": "' + b"x" * 70_000 + b'"}') == nothing  # too large
+
+
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        (b'{"type": "access.granted", "vers', "Unterminated string starting at line 1, column 28"),
+        (b'{\n "phone": +14155550100}', "Expecting value at line 2, column 11"),
+        (b'{"email": "ada@example.com" "x": 1}', "Expecting ',' delimiter at line 1, column 29"),
+    ],
+)
+def test_a_body_that_is_not_json_says_where_never_what(raw: bytes, said: str) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse(raw, "application/json")
+    assert str(caught.value) == f"body is not JSON: {said}"
+    assert "14155550100" not in str(caught.value) and "ada@" not in str(caught.value)

@@ -19,13 +19,14 @@ from worker.channels.templates import (
     render_email,
     render_sms,
     shipped,
+    sms_cost,
     sms_encoding,
     sms_segments,
 )
 from worker.errors import InvalidEvent
 from worker.events import AccessGranted, parse
 from worker.ports import KeyMessage
-from worker.service import load_templates
+from worker.service import build_channels, load_templates
 
 URL = "https://ik.example.com/k/ik_7Hq2?token=a&v=2"
 MESSAGE = KeyMessage(
@@ -265,6 +266,66 @@ def test_every_locale_fits_the_segment_limit_with_a_long_name(locale: str) -> No
     ):
         sms = render_sms(replace(MESSAGE, full_name=name, locale=locale))
         assert sms_segments(sms) <= MAX_SMS_SEGMENTS
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Paris", "America/New_York", "Asia/Tokyo"])
+@pytest.mark.parametrize("locale", ["en", "fr", "es", "de", "fr-CA", "de-AT"])
+def test_every_shipped_sms_is_one_gsm7_segment_with_typical_values(zone: str, locale: str) -> None:
+    typical = KeyMessage(
+        full_name="Maria Garcia",
+        phone_number="+14155550100",
+        email_address=None,
+        locale=locale,
+        expires_at=datetime(2026, 12, 12, 11, 0, tzinfo=UTC),
+        url="https://ik.seam.co/" + "k7Hq2sVb9TzXw4RmPn8dLa",  # as long as the stand-in's
+        time_zone=zone,
+        property_name="Harbor Hotel",
+    )
+    sms = render_sms(typical)
+    assert "Maria Garcia" in sms and "Harbor Hotel" in sms
+    assert (sms_encoding(sms), sms_segments(sms)) == ("GSM-7", 1), sms
+
+
+def test_the_shipped_words_cost_nothing_to_warn_about() -> None:
+    assert sms_cost(Templates()) == []
+    assert sms_cost(Templates(time_zone="Europe/Paris", property_name="Harbor Hotel")) == []
+
+
+def test_a_property_name_outside_gsm7_is_named_as_the_cause() -> None:
+    lines = sms_cost(Templates(property_name="Hôtel Bellevue"))
+    assert len(lines) == 4  # every shipped SMS names the property
+    assert lines[3].startswith("fr/sms.txt: 3 segments, UCS-2 ('ô' U+00F4 from IKW_PROPERTY_NAME)")
+    assert lines[3].endswith(", 142 characters with a typical name, link and date")
+
+
+def test_words_outside_gsm7_or_past_one_segment_are_told_per_template(tmp_path: Path) -> None:
+    (tmp_path / "es").mkdir()
+    (tmp_path / "es" / "sms.txt").write_text("Aquí: {{ link }} {{ valid_until }}")
+    (tmp_path / "en").mkdir()
+    (tmp_path / "en" / "sms.txt").write_text("Welcome! " * 16 + "{{ link }}")
+    assert sms_cost(Templates(tmp_path)) == [
+        "en/sms.txt: 2 segments, GSM-7, 185 characters with a typical name, link and date",
+        "es/sms.txt: 1 segment, UCS-2 ('í' U+00ED), 70 characters with a typical name, link and "
+        "date",
+    ]
+
+
+def test_the_worker_warns_at_start_when_an_sms_costs_more(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    twilio = {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "t"}
+    twilio |= {"TWILIO_FROM": "+15005550006"}
+    with caplog.at_level("WARNING", logger="worker.service"):
+        build_channels(config.load(BASE_ENV | twilio | {"IKW_PROPERTY_NAME": "Hôtel Bellevue"}))
+    warned = [r.getMessage() for r in caplog.records if r.name == "worker.service"]
+    assert len(warned) == 4
+    assert warned[3].startswith("SMS over one GSM-7 segment: fr/sms.txt: 3 segments, UCS-2 ('ô'")
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="worker.service"):
+        build_channels(config.load(BASE_ENV | twilio))  # the shipped words: nothing to say
+        build_channels(config.load(BASE_ENV | {"IKW_PROPERTY_NAME": "Hôtel"}))  # no SMS channel
+    assert caplog.records == []
 
 
 def test_sms_encoding() -> None:

@@ -92,7 +92,12 @@ class Part:
 
 def sms_encoding(text: str) -> Literal["GSM-7", "UCS-2"]:
     """GSM-7 when every character is in the GSM alphabet (or its extension), else UCS-2."""
-    return "GSM-7" if all(c in _GSM_BASIC or c in _GSM_EXTENSION for c in text) else "UCS-2"
+    return "GSM-7" if not_gsm(text) is None else "UCS-2"
+
+
+def not_gsm(text: str) -> str | None:
+    """The first character of ``text`` outside the GSM alphabet (it makes the SMS UCS-2)."""
+    return next((c for c in text if c not in _GSM_BASIC and c not in _GSM_EXTENSION), None)
 
 
 def sms_segments(text: str) -> int:
@@ -309,6 +314,34 @@ def sample(
         time_zone=time_zone,
         property_name=property_name,
     )
+
+
+def typical_sms(templates: Templates, locale: str) -> str:
+    """The SMS of ``locale`` with a typical name, link and date, and the property name the
+    worker would use (``IKW_PROPERTY_NAME``, else a typical one)."""
+    own = None if templates.property_name else SAMPLE_PROPERTY
+    return templates.sms(sample(locale=locale, property_name=own))
+
+
+def sms_cost(templates: Templates) -> list[str]:
+    """One line per locale whose typical SMS takes more than one segment: its length, its
+    encoding and, for UCS-2, the character that made it so (fix the words, or the name)."""
+    lines = []
+    for key in sorted(templates.locales):
+        text = typical_sms(templates, key)
+        segments = sms_segments(text)
+        if segments == 1 and sms_encoding(text) == "GSM-7":
+            continue
+        encoding = "GSM-7"
+        culprit = not_gsm(text)
+        if culprit is not None:
+            source = " from IKW_PROPERTY_NAME" if culprit in templates.property_name else ""
+            encoding = f"UCS-2 ({culprit!r} U+{ord(culprit):04X}{source})"
+        lines.append(
+            f"{templates.parts[key, 'sms.txt'].name}: {segments} segment{'s' * (segments != 1)}, "
+            f"{encoding}, {len(text)} characters with a typical name, link and date"
+        )
+    return lines
 
 
 def _describe(exc: BaseException) -> str:

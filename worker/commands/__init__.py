@@ -2,7 +2,9 @@
 they share: the exit codes, `Failed`, and the shape of a subcommand's help."""
 
 import argparse
+import re
 import textwrap
+from datetime import UTC, datetime, timedelta
 from typing import TypeAlias
 
 # Exit codes, as documented in README ("Exit codes").
@@ -13,6 +15,12 @@ INTERRUPTED = 130  # Ctrl-C (SIGINT)
 TERMINATED = 143  # SIGTERM
 
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+_RELATIVE = re.compile(r"\+(\d{1,6})([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+MOMENT_HELP = (
+    "RFC 3339 with an offset (2026-12-10T15:00:00+01:00, or Z), or from now: +90s, +2m, +4h, +3d"
+)
 
 
 class Failed(Exception):
@@ -35,6 +43,23 @@ def command(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return sub
+
+
+def moment(text: str) -> datetime:
+    """An argparse type: a moment as MOMENT_HELP says."""
+    relative = _RELATIVE.fullmatch(text.strip())
+    if relative:
+        amount, unit = relative.groups()
+        return datetime.now(UTC).replace(microsecond=0) + timedelta(**{_UNITS[unit]: int(amount)})
+    try:
+        parsed = datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {text[:40]!r}; give {MOMENT_HELP}") from None
+    if parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r} needs an offset or Z, e.g. 2026-11-28T23:30Z"
+        )
+    return parsed
 
 
 def need_the_sandbox() -> None:

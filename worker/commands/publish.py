@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import json
+from typing import Any, TypedDict, get_args
 
 import aio_pika
 import aiormq
@@ -12,8 +13,8 @@ from worker import config, events, tracing
 from worker.broker.connect import connect
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
-from worker.commands import OK, Failed, Subcommands, command
-from worker.events import parse
+from worker.commands import MOMENT_HELP, OK, USAGE, Failed, Subcommands, command, moment
+from worker.events import RevokeReason, parse
 
 
 def add_parser(commands: Subcommands) -> None:
@@ -32,7 +33,19 @@ def add_parser(commands: Subcommands) -> None:
     publish.add_argument("--phone", dest="phone_number")
     publish.add_argument("--channels", default="sms,email", help="in order (default sms,email)")
     publish.add_argument("--locale", default="en")
+    publish.add_argument("--time-zone", help="IANA zone of the times the guest reads")
+    publish.add_argument("--property-name", help="the property's name as guests know it")
     publish.add_argument("--max-use-count", type=int, default=1)
+    stay = publish.add_argument_group(
+        "a stay (grant: --reservation, --starts-at and --ends-at; revoke: --reservation and "
+        "--reason end that stay only)"
+    )
+    stay.add_argument("--reservation", dest="reservation_key", metavar="KEY")
+    stay.add_argument("--starts-at", type=moment, metavar="T", help=f"check-in: {MOMENT_HELP}")
+    stay.add_argument("--ends-at", type=moment, metavar="T", help="checkout")
+    stay.add_argument("--deliver-at", type=moment, metavar="T", help="default: the worker's lead")
+    stay.add_argument("--revision", type=int, help="the booking's revision (default 0)")
+    stay.add_argument("--reason", choices=get_args(RevokeReason), help="why the stay ends")
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -82,21 +95,76 @@ async def _publish(
 
 
 def grant_or_revoke(args: argparse.Namespace) -> tuple[bytes, str, str]:
-    ids = {"user_identity_id": args.user_identity_id, "user_identity_key": args.user_identity_key}
-    event = (
-        events.granted(
-            **ids,
-            grant_id=args.grant_id,
-            full_name=args.full_name,
-            email_address=args.email_address,
-            phone_number=args.phone_number,
-            channels=args.channels.split(","),
-            locale=args.locale,
-            max_use_count=args.max_use_count,
-        )
-        if args.kind == "grant"
-        else events.revoked(**ids, grant_id=args.grant_id)
-    )
+    event = _grant(args) if args.kind == "grant" else _revoke(args)
     body = json.dumps(event).encode()
     parse(body, "application/json")  # fail here, not in the worker, on bad flags
+    if args.kind == "grant":
+        _reaches(args)
     return body, str(event["type"]), str(event["event_id"])
+
+
+CONTACTS = {"sms": ("phone_number", "--phone"), "email": ("email_address", "--email")}
+STAY_FLAGS = {"starts_at": "--starts-at", "ends_at": "--ends-at", "deliver_at": "--deliver-at"}
+
+
+class _Ids(TypedDict):
+    user_identity_id: str | None
+    user_identity_key: str | None
+    grant_id: str | None
+
+
+def _ids(args: argparse.Namespace) -> _Ids:
+    return _Ids(
+        user_identity_id=args.user_identity_id,
+        user_identity_key=args.user_identity_key,
+        grant_id=args.grant_id,
+    )
+
+
+def _grant(args: argparse.Namespace) -> dict[str, Any]:
+    if args.reason is not None:
+        raise Failed("--reason goes with `ikw publish revoke`", USAGE)
+    return events.granted(
+        **_ids(args),
+        full_name=args.full_name,
+        email_address=args.email_address,
+        phone_number=args.phone_number,
+        channels=args.channels.split(","),
+        locale=args.locale,
+        time_zone=args.time_zone,
+        property_name=args.property_name,
+        max_use_count=args.max_use_count,
+        stay=_stay(args),
+    )
+
+
+def _reaches(args: argparse.Namespace) -> None:
+    """A grant the worker could deliver: a contact for one of its channels (else it would be
+    published, then dead-lettered)."""
+    channels = args.channels.split(",")
+    if not any(getattr(args, CONTACTS[name][0]) for name in channels):
+        flags = " or ".join(CONTACTS[name][1] for name in channels)
+        raise Failed(f"no contact for channels {args.channels}: give {flags}", USAGE)
+
+
+def _stay(args: argparse.Namespace) -> dict[str, Any] | None:
+    given = {name: getattr(args, name) for name in STAY_FLAGS if getattr(args, name) is not None}
+    if args.reservation_key is None:
+        if given or args.revision is not None:
+            raise Failed("a stay needs --reservation KEY", USAGE)
+        return None
+    if "starts_at" not in given or "ends_at" not in given:
+        raise Failed("a stay needs --starts-at and --ends-at", USAGE)
+    revision = {} if args.revision is None else {"revision": args.revision}
+    return {"reservation_key": args.reservation_key, **given, **revision}
+
+
+def _revoke(args: argparse.Namespace) -> dict[str, Any]:
+    for name, flag in (*STAY_FLAGS.items(), ("revision", "--revision")):
+        if getattr(args, name) is not None:
+            raise Failed(f"{flag} goes with `ikw publish grant`", USAGE)
+    return events.revoked(
+        **_ids(args),
+        reservation_key=args.reservation_key,
+        reason=args.reason,
+    )

@@ -18,10 +18,22 @@ async def run(args: argparse.Namespace) -> int:
     from worker import contract
 
     if args.check:
-        stale = contract.stale(args.out)
-        for name in stale:
-            print(f"stale: {args.out / name} (run `make schemas`)")
-        return FAILED if stale else OK
+        return _check(args.out, contract.stale(args.out), len(contract.render()))
     for name in contract.write(args.out):
         print(f"wrote {args.out / name}")
     return OK
+
+
+def _check(folder: Path, stale: list[str], count: int) -> int:
+    """One line when all is well; else one per file, missing or stale, and how to fix it."""
+    fix = f"run `ikw schema --out {folder}`"
+    if not folder.is_dir():
+        print(f"{folder}/ is missing: {fix}")
+        return FAILED
+    if not stale:
+        print(f"{folder}/ is up to date: {count} files")
+        return OK
+    for name in stale:
+        print(f"{'stale' if (folder / name).exists() else 'missing'}: {folder / name}")
+    print(f"{len(stale)} of {count} files to write: {fix}")
+    return FAILED

@@ -79,6 +79,10 @@ async def _check(
     args: argparse.Namespace, channel: aio_pika.abc.AbstractChannel, names: Names
 ) -> int:
     missing = await topology.check(channel, names, args.producer)
+    checked = [kind for kind, _, _ in topology.plan(names, producers=args.producer)]
+    if len(missing) == checked.count("exchange") + checked.count("queue"):
+        print(f"namespace {names.namespace} is not declared: run `ikw topology`")
+        return FAILED
     for line in missing:
         print(f"missing: {line}")
     print("topology complete" if not missing else f"{len(missing)} missing")

@@ -2,7 +2,11 @@
 
 import asyncio
 import signal
+from collections.abc import Sequence
 
+from aiohttp import web
+
+from worker.commands.sandbox import Failure
 from worker.sandbox.outbox import Json, Outbox, describe
 from worker.sandbox.seam import SeamSandbox
 from worker.sandbox.smtp import EMAIL_FROM, SmtpSandbox
@@ -22,6 +26,30 @@ class Sandbox:
         self.outbox = Outbox()
         self.twilio.listeners.append(self.outbox.add_sms)
         self.smtp.listeners.append(self.outbox.add_email)
+        self.outbox.app.router.add_post("/fail", self._fail)
+
+    def fail(self, failure: Failure) -> None:
+        """The next ``failure.count`` calls to the service (to its target) fail so."""
+        code, count, target = failure.code, failure.times, failure.target
+        if failure.service == "seam":
+            self.seam.fail_next(code, count=count, path=target)
+        elif failure.service == "twilio":
+            status = {20003: 401, 20429: 429, 20500: 500, 20503: 503}.get(code, 400)
+            self.twilio.fail_next(code, status, count=count, to=target)
+        else:
+            self.smtp.refuse_next(code, count=count)
+
+    async def _fail(self, request: web.Request) -> web.Response:
+        """``POST /fail?seam=503:3`` (or the same as the body): failures from now on."""
+        specs = [f"{name}={value}" for name, value in request.query.items()]
+        specs += (await request.text()).split()
+        try:
+            failures = [Failure.parse(spec) for spec in specs]
+        except ValueError as exc:
+            return web.Response(status=400, text=f"{exc}\n")
+        for failure in failures:
+            self.fail(failure)
+        return web.Response(text="".join(f"{_said(failure)}\n" for failure in failures))
 
     async def start(
         self,
@@ -59,6 +87,7 @@ async def serve_forever(
     smtp_port: int,
     key_lifetime: float,
     outbox_port: int = 0,
+    failures: Sequence[Failure] = (),
 ) -> None:
     """``ikw sandbox``: serve until SIGTERM or SIGINT, printing every SMS and email in full as
     it arrives (print, not logging: the links are meant to be seen here, and only here)."""
@@ -69,11 +98,18 @@ async def serve_forever(
 
     sandbox.outbox.listeners.append(show)
     await sandbox.start(host, seam_port, twilio_port, smtp_port, outbox_port)
+    for failure in failures:
+        sandbox.fail(failure)
+    smtp = f"{sandbox.smtp.host}:{sandbox.smtp.port}"
+    print(f"# Seam {sandbox.seam.url}, Twilio {sandbox.twilio.url}, SMTP {smtp}")
     print("# Seam, Twilio and SMTP stand-ins are up. Point a worker at them with:")
     for name, value in sandbox.env().items():
         print(f"export {name}={value}")
     print(f"# Outbox (every SMS and email, newest first): {sandbox.outbox.page_url}")
     print(f"#   as JSON: {sandbox.outbox.url}/outbox.json")
+    print(f"# Failures on demand: curl -d seam=503:3 {sandbox.outbox.url}/fail")
+    for failure in failures:
+        print(f"#   {_said(failure)}")
     print(
         f"#   SMS also at GET {sandbox.twilio.url}/2010-04-01/Accounts/"
         f"{sandbox.twilio.account_sid}/Messages.json (Basic auth, as Twilio)"
@@ -90,3 +126,10 @@ async def serve_forever(
         await stop.wait()
     finally:
         await sandbox.stop()
+
+
+def _said(failure: Failure) -> str:
+    to = f" to {failure.target}" if failure.target else ""
+    calls = "call" if failure.times == 1 else f"{failure.times} calls"
+    fail = "fails" if failure.times == 1 else "fail"
+    return f"{failure.service}: the next {calls}{to} {fail} with {failure.code}"

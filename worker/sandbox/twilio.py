@@ -33,7 +33,13 @@ _E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 _ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
 _MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
 
-# Twilio's magic test numbers for "To" and the errors they produce.
+# Twilio's magic test numbers (for test credentials; https://www.twilio.com/docs/iam/test-credentials)
+# and the errors they produce. SMS_FROM is the "From" that passes; any "To" not listed is valid.
+MAGIC_FROM = {
+    "+15005550001": 21212,  # invalid
+    "+15005550007": 21606,  # not owned by the account, or not SMS-capable
+    "+15005550008": 21611,  # its queue of messages is full
+}
 MAGIC_TO = {
     "+15005550001": 21211,
     "+15005550002": 21612,
@@ -57,7 +63,10 @@ _MESSAGES = {
     21602: "Message body is required.",
     21603: "A 'From' or 'MessagingServiceSid' parameter is required to send a message.",
     21604: "A 'To' phone number is required.",
+    21606: "The From phone number {from_} is not a valid, SMS-capable inbound phone number or "
+    "short code for your account.",
     21610: "Attempt to send to unsubscribed recipient {to}.",
+    21611: "This 'From' number {from_} has exceeded the maximum number of queued messages.",
     21612: "The 'To' phone number: {to}, is not currently reachable via SMS.",
     21614: "'To' number {to} is not a valid mobile number.",
     21617: "The concatenated message body exceeds the 1600 character limit.",
@@ -332,7 +341,7 @@ def _validate(to: str, from_: str, service: str, body: str, fields: dict[str, st
         return 21602
     if len(body) > 1600:
         return 21617
-    return MAGIC_TO.get(to)
+    return MAGIC_FROM.get(from_) or MAGIC_TO.get(to)
 
 
 def _error(
