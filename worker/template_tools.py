@@ -73,6 +73,12 @@ def add_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         type=moment,
         help=f"when the key expires: {MOMENT_HELP} (default: 48 hours from now)",
     )
+    preview.add_argument(
+        "--reason",
+        choices=["initial", "renewal", "stay_changed"],
+        default="initial",
+        help="why it is sent: a stay's renewal has its own words (default initial)",
+    )
     preview.add_argument("--dir", type=Path, help="templates directory (default IKW_TEMPLATES_DIR)")
 
 
@@ -173,6 +179,7 @@ def preview(args: argparse.Namespace) -> int:
         time_zone=args.time_zone,
         property_name=args.property_name,
         expires_at=expires_at,
+        reason=args.reason,
     )
     if args.channel == "sms":
         sms = templates.sms(message)

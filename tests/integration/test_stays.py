@@ -158,6 +158,7 @@ async def test_a_short_key_is_renewed_and_the_guest_is_never_without_one(
     urls = [key["instant_key_url"] for key in sandbox.seam.issued]
     assert len(bodies) >= 2 and all(any(u in b for u in urls) for b in bodies)
     assert len({u for u in urls if any(u in b for b in bodies)}) == len(bodies)  # a new key each
+    assert "here is your key" in bodies[0] and all("your new key" in b for b in bodies[1:])
     await gone(sandbox, "g-renew", 15)
 
 

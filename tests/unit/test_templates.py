@@ -295,7 +295,7 @@ def test_a_property_name_outside_gsm7_is_named_as_the_cause() -> None:
     lines = sms_cost(Templates(property_name="Hôtel Bellevue"))
     assert len(lines) == 4  # every shipped SMS names the property
     assert lines[3].startswith("fr/sms.txt: 3 segments, UCS-2 ('ô' U+00F4 from IKW_PROPERTY_NAME)")
-    assert lines[3].endswith(", 142 characters with a typical name, link and date")
+    assert lines[3].endswith(", 151 characters with a typical name, link and date")
 
 
 def test_words_outside_gsm7_or_past_one_segment_are_told_per_template(tmp_path: Path) -> None:

@@ -55,7 +55,10 @@ VARIABLES: Mapping[str, str] = {
     "property_name": "the property's name; empty when neither the event nor the setting has one",
     "locale": "the locale the date is written for, as a BCP 47 tag (fr-CA), e.g. for <html lang>",
     "time_zone": "the IANA name of the time zone valid_until is in (Europe/Paris)",
+    "reason": "why it is sent: initial, renewal (a stay's new key before the old one expires) "
+    "or stay_changed (the booking moved or the contact changed)",
 }
+REASONS = ("initial", "renewal", "stay_changed")
 SHIPPED = Path(__file__).resolve().parent.parent / "templates"
 FALLBACK = "en"
 _LOCALE_DIR = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
@@ -255,6 +258,7 @@ class Templates:
             "property_name": clean_property_name(message.property_name) or self.property_name,
             "locale": str(locale).replace("_", "-"),
             "time_zone": zone.key,
+            "reason": message.reason,
         }
 
     def _zone(self, name: str | None) -> ZoneInfo:
@@ -302,6 +306,7 @@ def sample(
     time_zone: str | None = None,
     property_name: str | None = None,
     expires_at: datetime = SAMPLE_EXPIRY,
+    reason: str = "initial",
 ) -> KeyMessage:
     """A message as a guest would get it, with the sample link."""
     return KeyMessage(
@@ -313,6 +318,7 @@ def sample(
         url=SAMPLE_LINK,
         time_zone=time_zone,
         property_name=property_name,
+        reason=reason,
     )
 
 
@@ -320,7 +326,8 @@ def typical_sms(templates: Templates, locale: str) -> str:
     """The SMS of ``locale`` with a typical name, link and date, and the property name the
     worker would use (``IKW_PROPERTY_NAME``, else a typical one)."""
     own = None if templates.property_name else SAMPLE_PROPERTY
-    return templates.sms(sample(locale=locale, property_name=own))
+    texts = [templates.sms(sample(locale=locale, property_name=own, reason=r)) for r in REASONS]
+    return max(texts, key=lambda text: (sms_segments(text), len(text)))  # the costliest
 
 
 def sms_cost(templates: Templates) -> list[str]:
