@@ -6,9 +6,11 @@ import json
 import os
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from worker.broker import topology
 from worker.broker.connect import connect
 from worker.broker.publisher import Publisher
 from worker.broker.topology import Names
+from worker.commands import Failed
 from worker.logs import mask_email, mask_phone
 from worker.sandbox import changed, wait_for
 from worker.sandbox.all import Sandbox
@@ -28,8 +31,22 @@ GUESTS = [
     ("guest-ada", "Ada Lovelace", "+14155550100", None, ["sms", "email"], "en"),
     ("guest-grace", "Grace Hopper", None, "grace@example.com", ["sms", "email"], "fr"),
 ]
+# A booking: sent 3 s from now, check-in at 5 s, checkout at 9 s (its keys go 1 s later).
+STAY_GUEST = ("guest-linus", "Linus Pauling", "+14155550123")
+STAY = {"deliver_at": 3, "starts_at": 5, "ends_at": 9}
+CHECKOUT_GRACE = 1
 # What an outcome event is told by, besides its type (worker/events.py, the Outcome models).
-OUTCOME_IDS = ("grant_id", "event_id", "user_identity_key", "instant_key_id", "channel", "why")
+OUTCOME_IDS = (
+    "grant_id",
+    "event_id",
+    "user_identity_key",
+    "reservation_key",
+    "deliver_at",
+    "instant_key_id",
+    "channel",
+    "delivery_reason",
+    "why",
+)
 
 
 def grant(
@@ -81,6 +98,7 @@ async def start_worker(demo: Demo) -> None:
         "IKW_NAMESPACE": demo.names.namespace,
         "IKW_MIN_KEY_LIFETIME": "0",
         "IKW_HTTP_PORT": "0",
+        "IKW_CHECKOUT_GRACE": f"{CHECKOUT_GRACE}s",
     }
     demo.service = service = Service(config.load(env))
     await service.start()
@@ -92,7 +110,9 @@ async def listen_to_outcomes(demo: Demo) -> None:
     """As a booking system does, from a queue of its own bound to the outcomes exchange."""
 
     async def hear(message: AbstractIncomingMessage) -> None:
-        demo.outcomes.append(json.loads(message.body))
+        outcome = json.loads(message.body)
+        demo.outcomes.append(outcome)
+        demo.sandbox.outbox.hear(outcome)  # a scheduled delivery is listed on the outbox page
         changed()
 
     channel = await demo.connection.channel()
@@ -102,12 +122,18 @@ async def listen_to_outcomes(demo: Demo) -> None:
 
 
 async def publish_grants(demo: Demo) -> None:
+    for guest in GUESTS:
+        await _publish(demo, grant(*guest))
+        print(f"published access.granted for {guest[0]}")
+
+
+async def _publish(demo: Demo, body: bytes) -> None:
     channel = await demo.connection.channel(publisher_confirms=True, on_return_raises=True)
     user = config.Settings(amqp_url=demo.amqp_url).broker_user
-    publisher = Publisher(channel, demo.names, user)
-    for guest in GUESTS:
-        await publisher.publish_event("access.granted", grant(*guest), str(uuid.uuid4()))
-        print(f"published access.granted for {guest[0]}")
+    await Publisher(channel, demo.names, user).publish_event(
+        "access.granted", body, str(uuid.uuid4())
+    )
+    await channel.close()
 
 
 async def show_deliveries(demo: Demo) -> None:
@@ -136,10 +162,47 @@ async def show_expiry(demo: Demo) -> None:
     await _outcomes(demo, "instant_key.deleted", len(demo.keys))
 
 
-async def _outcomes(demo: Demo, kind: str, count: int) -> None:
+async def show_stay(demo: Demo) -> None:
+    """A booking: scheduled at once, its key sent before check-in, deleted at checkout."""
+    key, name, phone = STAY_GUEST
+    demo.sandbox.seam.key_lifetime = 3600  # Seam's keys outlive this stay: checkout ends it
+    start = time.monotonic()
+    now = datetime.now(UTC)
+    times = {field: now + timedelta(seconds=s) for field, s in STAY.items()}
+    stay = {"reservation_key": "res-demo-1", **times}
+    event = events.granted(
+        user_identity_key=key, full_name=name, phone_number=phone, channels=["sms"], stay=stay
+    )
+    await _publish(demo, json.dumps(event).encode())
+    print(
+        f"\npublished access.granted for {key} with a stay: key sent at +{STAY['deliver_at']} s, "
+        f"check-in +{STAY['starts_at']} s, checkout +{STAY['ends_at']} s "
+        f"(IKW_CHECKOUT_GRACE={CHECKOUT_GRACE}s)"
+    )
+    await _outcomes(demo, "access.scheduled", 1)
+    sandbox = demo.sandbox
+    await wait_for(lambda: [m for m in sandbox.twilio.outbox if m["to"] == phone], 30, "the SMS")
+    print(f"\n+{time.monotonic() - start:.1f} s: the key is sent, before check-in")
+    await _outcomes(demo, "access.delivered", len(GUESTS) + 1, key)
+    await wait_for(lambda: _stay_ended(demo), 30, "the checkout")
+    print(f"\n+{time.monotonic() - start:.1f} s: checkout: the key is deleted from Seam")
+    print(
+        f"  instant_key.deleted  instant_key_id={_stay_ended(demo)[0]['instant_key_id']} "
+        "why=stay_ended"
+    )
+
+
+def _stay_ended(demo: Demo) -> list[dict[str, Any]]:
+    return [e for e in demo.heard("instant_key.deleted") if e.get("why") == "stay_ended"]
+
+
+async def _outcomes(demo: Demo, kind: str, count: int, guest: str | None = None) -> None:
+    """Wait for ``count`` outcomes of ``kind``; print them (``guest``'s only, if given)."""
     await wait_for(lambda: len(demo.heard(kind)) >= count, 30, f"{count} {kind} outcome events")
     print(f"\noutcome events heard on {demo.names.outcomes} (what your booking system hears):")
     for event in demo.heard(kind):
+        if guest and event.get("user_identity", {}).get("user_identity_key") != guest:
+            continue
         fields = event | event.get("user_identity", {})
         ids = " ".join(f"{name}={fields[name]}" for name in OUTCOME_IDS if fields.get(name))
         print(f"  {kind}  {ids}")
@@ -152,6 +215,7 @@ STEPS: list[Step] = [
     publish_grants,
     show_deliveries,
     show_expiry,
+    show_stay,
 ]
 
 
@@ -165,13 +229,20 @@ async def demo(key_lifetime: float) -> int:
     state = Demo(connection, names, amqp_url, key_lifetime, Sandbox(key_lifetime=key_lifetime))
     try:
         await _run(state)
+    except TimeoutError as exc:
+        if not exc.args:  # the broker's
+            raise
+        raise Failed(f"demo: {exc}") from None  # a step that waited in vain says for what
     except asyncio.CancelledError:
         print(
             f"ikw demo: stopped; its worker, stand-ins and namespace {names.namespace} are gone",
             file=sys.stderr,
         )
         raise
-    print(f"\ndemo done: {len(GUESTS)} grants delivered, {len(state.keys)} keys deleted at expiry")
+    print(
+        f"\ndemo done: {len(GUESTS)} grants delivered, {len(state.keys)} keys deleted at expiry, "
+        "one stay sent before check-in and ended at checkout"
+    )
     try_next()
     return 0
 
@@ -202,7 +273,11 @@ def try_next() -> None:
         f"  2. in a second terminal, paste the export lines it printed, then: {ikw} run\n"
         f"  3. in a third: {ikw} publish grant --key guest-1 --name 'Ada Lovelace' "
         "--phone +14155550100\n"
-        "       and see the SMS arrive in the first terminal and on the outbox page"
+        "       and see the SMS arrive in the first terminal and on the outbox page\n"
+        f"  4. a stay: {ikw} publish grant --key guest-2 --phone +14155550101 "
+        "--reservation res-1 --deliver-at +1m --starts-at +2m --ends-at +5m\n"
+        "       scheduled now, sent in a minute, deleted an hour after checkout "
+        "(IKW_CHECKOUT_GRACE)"
     )
 
 

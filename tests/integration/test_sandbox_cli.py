@@ -1,12 +1,18 @@
-"""`ikw sandbox` from the command line: its ports, and failures on demand (--fail, POST /fail)."""
+"""`ikw sandbox` from the command line: its ports, failures on demand (--fail, POST /fail), and
+the deliveries scheduled for stays (--outcomes)."""
 
 import asyncio
+import os
 import signal
 import sys
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
 
+from tests.builders import grant
+from tests.helpers import AMQP_URL, Publish, StartWorker
+from worker.broker.topology import Names
 from worker.cli import parser
 from worker.sandbox.all import Sandbox
 
@@ -99,3 +105,39 @@ async def test_the_banner_names_the_ports_and_the_failures_given() -> None:
     assert any(
         line.startswith("# Failures on demand: curl -d seam=503:3 http://") for line in lines
     )
+
+
+async def test_with_outcomes_the_sandbox_lists_the_deliveries_scheduled_for_stays(
+    start_worker: StartWorker, publish: Publish, names: Names
+) -> None:
+    env = os.environ | {"AMQP_URL": AMQP_URL, "IKW_NAMESPACE": names.namespace}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker.cli", "sandbox", "--outcomes",
+        "--seam-port", "0", "--twilio-port", "0", "--smtp-port", "0", "--outbox-port", "0",
+        stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert process.stdout is not None
+    lines: list[str] = []
+
+    async def until(start: str) -> str:
+        while not lines or not lines[-1].startswith(start):
+            line = await asyncio.wait_for(process.stdout.readline(), 30)  # type: ignore[union-attr]
+            assert line, lines
+            lines.append(line.decode().rstrip("\n"))
+        return lines[-1]
+
+    try:
+        await start_worker()
+        await until("# following")
+        stay = {"reservation_key": "res-7", "starts_at": at(3600), "ends_at": at(7200)}
+        await publish(grant("guest-7") | {"stay": stay | {"deliver_at": at(600)}})
+        scheduled = await until("--- scheduled")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    assert scheduled.startswith("--- scheduled: a key for guest-7 (reservation res-7, revision 0)")
+    assert "+1415555" not in "\n".join(lines)  # a scheduled delivery shows no contact yet
+
+
+def at(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()

@@ -65,6 +65,12 @@ def add_parser(commands: Subcommands) -> None:
         )
     sandbox.add_argument("--key-lifetime", type=float, default=48 * 3600, help="seconds")
     sandbox.add_argument(
+        "--outcomes",
+        action="store_true",
+        help="also list the deliveries scheduled for stays, from the outcome events of "
+        "IKW_NAMESPACE on AMQP_URL (once `ikw topology` has declared it)",
+    )
+    sandbox.add_argument(
         "--fail",
         action="append",
         default=[],
@@ -93,7 +99,14 @@ def _failure(text: str) -> Failure:
 
 async def run(args: argparse.Namespace) -> int:
     need_the_sandbox()
+    from worker import config
+    from worker.queues import Names
     from worker.sandbox.all import serve_forever
+
+    outcomes = None
+    if args.outcomes:
+        broker = config.broker_settings()
+        outcomes = (broker.amqp_url, Names(broker.namespace))
 
     try:
         await serve_forever(
@@ -104,6 +117,7 @@ async def run(args: argparse.Namespace) -> int:
             args.key_lifetime,
             args.outbox_port,
             args.fail,
+            outcomes,
         )
     except OSError as exc:  # a port in use, a host that is not ours
         raise Failed(f"sandbox: cannot listen on {args.host}: {exc.strerror or exc}") from None

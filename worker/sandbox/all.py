@@ -1,12 +1,17 @@
 """All three stand-ins together, their outbox, and the environment that points a worker at them."""
 
 import asyncio
+import json
 import signal
 from collections.abc import Sequence
 
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 
+from worker.broker.connect import connect
 from worker.commands.sandbox import Failure
+from worker.queues import Names
 from worker.sandbox.outbox import Json, Outbox, describe
 from worker.sandbox.seam import SeamSandbox
 from worker.sandbox.smtp import EMAIL_FROM, SmtpSandbox
@@ -80,6 +85,38 @@ class Sandbox:
         return seam | self.twilio.env() | self.smtp.env()  # each channel's stand-in: its own
 
 
+async def follow_outcomes(outbox: Outbox, amqp_url: str, names: Names) -> None:
+    """List a namespace's scheduled deliveries on the outbox page, from the worker's outcome
+    events (every producer's: this is a sandbox), once ``ikw topology`` has declared it; until
+    cancelled."""
+    connection = await connect(amqp_url, "ikw sandbox")
+
+    async def hear(message: AbstractIncomingMessage) -> None:
+        outbox.hear(json.loads(message.body))
+
+    try:
+        told = False
+        while True:
+            channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(exclusive=True)
+                await queue.bind(names.outcomes, "#")
+                break
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                if not told:
+                    print(
+                        f"# waiting for {names.outcomes}: run `ikw topology` (or a worker)",
+                        flush=True,
+                    )
+                    told = True
+                await asyncio.sleep(2)  # a person is starting the worker: look now and then
+        await queue.consume(hear, no_ack=True)
+        print(f"# following {names.outcomes}: scheduled deliveries are listed too", flush=True)
+        await asyncio.Event().wait()
+    finally:
+        await connection.close()
+
+
 async def serve_forever(
     host: str,
     seam_port: int,
@@ -88,6 +125,7 @@ async def serve_forever(
     key_lifetime: float,
     outbox_port: int = 0,
     failures: Sequence[Failure] = (),
+    outcomes: tuple[str, Names] | None = None,
 ) -> None:
     """``ikw sandbox``: serve until SIGTERM or SIGINT, printing every SMS and email in full as
     it arrives (print, not logging: the links are meant to be seen here, and only here)."""
@@ -122,10 +160,15 @@ async def serve_forever(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    follow = [follow_outcomes(sandbox.outbox, *outcomes)] if outcomes else []
+    following = [asyncio.create_task(one) for one in follow]
     try:
         await stop.wait()
     finally:
         await sandbox.stop()
+        for task in following:
+            task.cancel()
+        await asyncio.gather(*following, return_exceptions=True)
 
 
 def _said(failure: Failure) -> str:

@@ -20,6 +20,8 @@ from worker.http import Served
 
 Json = dict[str, Any]
 
+# What an access.scheduled outcome says of the delivery to come.
+SCHEDULED = ("reservation_key", "revision", "deliver_at", "starts_at", "ends_at")
 PAGE_LIMIT = 200  # entries on the HTML page; /outbox.json has them all
 REFRESH_SECONDS = 2
 
@@ -100,6 +102,20 @@ class Outbox(Served):
             }
         )
 
+    def hear(self, outcome: Json) -> None:
+        """An outcome event of the worker's: an ``access.scheduled`` one is listed as a delivery
+        to come (the worker holds no link for it yet); the others are not the outbox's."""
+        if outcome.get("type") != "access.scheduled":
+            return
+        self._add(
+            {
+                "kind": "scheduled",
+                "user_identity_key": (outcome.get("user_identity") or {}).get("user_identity_key"),
+                "grant_id": outcome.get("grant_id"),
+                **{field: outcome.get(field) for field in SCHEDULED},
+            }
+        )
+
     def _add(self, entry: Json) -> None:
         number = len(self.entries) + 1
         entry = {"id": f"{entry['kind']}-{number}", "received_at": _now(), **entry}
@@ -157,6 +173,15 @@ def _links(found: list[str]) -> str:
 
 
 def _article(entry: Json) -> str:
+    if entry["kind"] == "scheduled":
+        return (
+            f'<article class="scheduled" id="{_e(entry["id"])}">'
+            f"<h2>Scheduled: a key for {_e(entry['user_identity_key'])}, "
+            f"sent at {_e(entry['deliver_at'])}</h2>"
+            + _fields([("heard", entry["received_at"]), ("grant", entry["grant_id"])])
+            + _fields([(field, entry[field]) for field in SCHEDULED])
+            + "</article>"
+        )
     if entry["kind"] == "sms":
         sender = entry["from"] or entry["messaging_service_sid"]
         return (
@@ -210,6 +235,7 @@ header p { color: #555; }
 article { border: 1px solid #ccc; border-radius: 6px; margin: 1rem 0; padding: 0.5rem 1rem; }
 article.sms { border-left: 6px solid #2a7; }
 article.email { border-left: 6px solid #27a; }
+article.scheduled { border-left: 6px dashed #a72; }
 h2 { font-size: 1.05rem; margin: 0.4rem 0; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0 1rem; margin: 0.4rem 0; }
 dt { color: #666; }
@@ -251,7 +277,8 @@ def page(entries: list[Json], nonce: str) -> str:
 <body>
 <header>
 <h1>Sandbox outbox</h1>
-<p>Every SMS and email the stand-ins accepted, newest first: {count}{more}.
+<p>Every SMS and email the stand-ins accepted, and the deliveries scheduled for stays, newest
+first: {count}{more}.
 This is a sandbox: door-key links, phone numbers and addresses are shown in full.
 The same as JSON: <a href="outbox.json">outbox.json</a>.</p>
 </header>
@@ -267,6 +294,12 @@ The same as JSON: <a href="outbox.json">outbox.json</a>.</p>
 def describe(entry: Json, outbox_url: str = "") -> str:
     """An entry as ``ikw sandbox`` prints it: every header that matters and the text in full."""
     where = f"{outbox_url}#{entry['id']}" if outbox_url else ""
+    if entry["kind"] == "scheduled":
+        return (
+            f"--- scheduled: a key for {entry['user_identity_key']} (reservation "
+            f"{entry['reservation_key']}, revision {entry['revision']}) to be sent at "
+            f"{entry['deliver_at']}; the stay runs {entry['starts_at']} to {entry['ends_at']} ---"
+        )
     if entry["kind"] == "sms":
         sender = entry["from"] or f"messaging service {entry['messaging_service_sid']}"
         lines = [
