@@ -1,4 +1,4 @@
-"""The Celery gevent peer of issue 9: the worker's job for one new guest as one Celery task.
+"""The Celery gevent peer (bench/README.md): the worker's job for one new guest as one Celery task.
 
 ``throughput.py --peer celery`` runs it as
 

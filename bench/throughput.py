@@ -4,7 +4,7 @@ per grant against the floor measured in the same run.
 For each Seam latency in ``--latencies`` (a fresh namespace and stand-ins each time): publishes N
 grants for distinct identities (SMS only, one phone number each), waits until every phone number
 has its SMS in the Twilio stand-in's outbox, then runs ``floor.py`` against the same broker and
-stand-ins. With ``--peer celery``, each round also runs the Celery gevent peer of issue 9
+stand-ins. With ``--peer celery``, each round also runs the Celery gevent peer
 (``celery_peer.py``) on the same job at ``--peer-latency``. Prints the figures of each run, then
 one table: grants/s, the share of the 0 ms rate, latency, CPU per grant, the floor and their
 ratio, Seam calls per grant; and the worker's steady rate over the peer's.
@@ -584,7 +584,7 @@ def table(args: argparse.Namespace, runs: list[tuple[float, Run]]) -> None:
     if ("ikw", at) in medians and ("celery", at) in medians:
         print(
             f"ikw steady/s at {at:g} ms / celery peer steady/s at {at:g} ms = "
-            f"{medians['ikw', at] / medians['celery', at]:.2f} (issue 9 asks at least 2.5)"
+            f"{medians['ikw', at] / medians['celery', at]:.2f} (the goal: at least 2.5)"
         )
     print()
     print_table(

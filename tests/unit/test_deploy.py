@@ -1,5 +1,9 @@
-"""deploy/ parses, and its RabbitMQ users agree across definitions, README, compose and k8s."""
+"""deploy/ parses; its RabbitMQ users agree across definitions, README, compose and k8s; and it
+agrees with the main README and the code: one minimum RabbitMQ version, ports that leave the
+README's broker and sandbox alone, settings the worker declares, and sample output that is what
+the shipped templates render."""
 
+import argparse
 import base64
 import hashlib
 import json
@@ -7,12 +11,24 @@ import re
 import shlex
 import shutil
 import subprocess
+from dataclasses import replace
+from datetime import datetime, timedelta
+from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
+
+from worker.broker import topology
+from worker.channels.email import EmailChannel
+from worker.channels.templates import render_sms, sample
+from worker.cli import parser
+from worker.config import variables
+from worker.ports import KeyMessage
+from worker.queues import LEVELS, Names
+from worker.sandbox.outbox import Outbox, describe, links
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
 DEFINITIONS = json.loads((DEPLOY / "rabbitmq/definitions.json").read_text())
@@ -204,3 +220,194 @@ def test_alert_rules_are_a_rules_file() -> None:
     assert "by (reason)" in alerts["IkwDeadLetters"]["expr"]
     assert alerts["IkwNotReady"]["expr"].strip() == "ikw_ready == 0"
     assert alerts["IkwNotReady"]["for"] == "5m"
+
+
+# --- deploy/ agrees with the README and with the code ---------------------------------------
+
+README = (DEPLOY / "README.md").read_text()
+MAIN_README = (DEPLOY.parent / "README.md").read_text()
+[COMPOSE] = load(DEPLOY / "compose.yaml")
+SERVICES = COMPOSE["services"]
+WORKER_ENV = SERVICES["worker"]["environment"]
+MINIMUM = re.compile(r"RabbitMQ (\d+)\.(\d+)(?:\+| or newer)")
+
+
+def test_one_minimum_rabbitmq_version_and_images_that_meet_it() -> None:
+    """deploy/README, compose and the main README state one minimum; every RabbitMQ image in
+    deploy/ is at least that."""
+    texts = [README, MAIN_README, (DEPLOY / "compose.yaml").read_text()]
+    stated = {tuple(map(int, found)) for text in texts for found in MINIMUM.findall(text)}
+    assert len(stated) == 1, f"RabbitMQ minimums stated: {sorted(stated)}"
+    [minimum] = stated
+    images = [
+        str(container["image"])
+        for path in sorted(DEPLOY.rglob("*.yaml"))
+        for doc in load(path)
+        for container in _images(doc)
+    ]
+    rabbitmq = [image for image in images if image.split(":")[0].endswith("rabbitmq")]
+    assert rabbitmq, "compose runs a RabbitMQ image"
+    for image in rabbitmq:
+        tag = re.match(r"(\d+)\.(\d+)", image.split(":")[1])
+        assert tag, f"{image}: pin a version"
+        assert tuple(map(int, tag.groups())) >= minimum, image
+
+
+def _images(doc: Any) -> list[dict[str, Any]]:
+    """Every mapping with an ``image`` key (compose services, Kubernetes containers)."""
+    if isinstance(doc, dict):
+        found = [doc] if isinstance(doc.get("image"), str) else []
+        return found + [m for value in doc.values() for m in _images(value)]
+    if isinstance(doc, list):
+        return [m for value in doc for m in _images(value)]
+    return []
+
+
+def published() -> dict[int, tuple[str, int]]:
+    """compose's host ports: host port -> (service, container port)."""
+    ports = {}
+    for name, service in SERVICES.items():
+        for entry in service.get("ports", []):
+            host, host_port, container_port = entry.split(":")
+            assert host == "127.0.0.1", f"{name} publishes {entry} beyond loopback"
+            ports[int(host_port)] = (name, int(container_port))
+    return ports
+
+
+def test_compose_ports_leave_the_readme_broker_and_sandbox_alone() -> None:
+    """The main README has a newcomer start RabbitMQ on 5672 and `ikw sandbox` on its default
+    ports: the compose stack must run beside them, and deploy/README names its own ports."""
+    [amqp_default] = [v.default for v in variables() if v.name == "AMQP_URL"]
+    sandbox = parser().parse_args(["sandbox"])
+    theirs = {urlsplit(amqp_default).port, 15672}  # 15672: the management plugin's default
+    theirs |= {sandbox.seam_port, sandbox.twilio_port, sandbox.smtp_port, sandbox.outbox_port}
+    ports = published()
+    assert not theirs & set(ports), "compose publishes a port the README's broker or sandbox has"
+    assert ports[5673] == ("rabbitmq", 5672)
+    named = {int(p) for p in re.findall(r"(?:localhost|127\.0\.0\.1):(\d+)", README)}
+    assert named == set(ports), "deploy/README names exactly the ports compose publishes"
+    comments = (DEPLOY / "compose.yaml").read_text()
+    assert {int(p) for p in re.findall(r"localhost:(\d+)", comments)} <= set(ports)
+
+
+def test_compose_sandbox_ports_are_the_workers() -> None:
+    """The sandbox listens where the workers and its healthcheck look, and publishes a port as
+    itself, so the outbox links it prints work from the host."""
+    sandbox = SERVICES["sandbox"]
+    args = parser().parse_args(sandbox["command"])
+    assert urlsplit(WORKER_ENV["SEAM_ENDPOINT"]).port == args.seam_port
+    assert urlsplit(WORKER_ENV["TWILIO_API_URL"]).port == args.twilio_port
+    assert int(WORKER_ENV["SMTP_PORT"]) == args.smtp_port
+    ports = [args.seam_port, args.twilio_port, args.smtp_port, args.outbox_port]
+    assert all(str(port) in " ".join(sandbox["healthcheck"]["test"]) for port in ports)
+    mine = {host: inside for host, (name, inside) in published().items() if name == "sandbox"}
+    assert mine == {args.outbox_port: args.outbox_port, args.twilio_port: args.twilio_port}
+
+
+def test_worker_may_read_every_queue_it_consumes_and_no_other() -> None:
+    """The worker's read pattern (definitions and README alike, see above) against the topology
+    `ikw topology --producer booking` declares: stays' queues and the activity stream included."""
+    names = Names()
+    plan = topology.plan(names, producers=["booking"])
+    queues = {name for kind, name, _ in plan if kind == "queue"}
+    exchanges = {name for kind, name, _ in plan if kind == "exchange"} | {"amq.default"}
+    rights = {p["user"]: p for p in DEFINITIONS["permissions"]}
+    consumed = {*names.work_queues, names.dead, names.unroutable, names.fence}
+    consumed |= {names.fence_index, names.activity}
+    assert {names.deliveries, names.checkouts} <= set(names.work_queues)
+    worker, booking = rights["ikw-worker"], rights["booking"]
+    assert {q for q in queues if re.search(worker["read"], q)} == consumed
+    delays = {names.delay(level) for level in range(LEVELS)}
+    writes = {"amq.default", names.outcomes, names.exchange} | delays
+    assert {e for e in exchanges if re.search(worker["write"], e)} == writes
+    assert {q for q in queues | exchanges if re.search(booking["read"], q)} == {
+        names.outcome_queue("booking")
+    }
+    assert {e for e in exchanges if re.search(booking["write"], e)} == {names.exchange}
+
+
+def test_settings_in_compose_and_kubernetes_are_declared() -> None:
+    """Every variable deploy/ sets for `ikw` is one the worker reads (a `*_FILE` for a secret)."""
+    declared = {v.name: v for v in variables()}
+    k8s = DEPLOY / "kubernetes"
+    [config] = load(k8s / "configmap.yaml")
+    given = {name: "configmap.yaml" for name in config["data"]}
+    for path in (k8s / "deployment.yaml", k8s / "job-topology.yaml"):
+        for doc in load(path):
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                given |= {env["name"]: path.name for env in container.get("env", [])}
+    for name, service in SERVICES.items():
+        given |= {key: f"compose {name}" for key in service.get("environment", {})}
+    for name, where in given.items():
+        base = name.removesuffix("_FILE")
+        assert base in declared, f"{where}: {name} is not a setting"
+        assert base == name or declared[base].secret, f"{where}: {name}: not a secret"
+
+
+# The sample output: what the sandbox prints when a worker of this stack sends the README's grant.
+
+
+def readme_grants() -> list[argparse.Namespace]:
+    """The `cli publish grant` commands of deploy/README, parsed as `ikw` parses them."""
+    commands = re.findall(r"run --rm cli (publish grant (?:.*\\\n)*.*)", README)
+    return [parser().parse_args(shlex.split(c.replace("\\\n", " "))) for c in commands]
+
+
+def sandbox_log(kind: str) -> str:
+    [block] = re.findall(rf"```text\n(--- {kind} .*?\n---)\n```", README, re.DOTALL)
+    return str(block)
+
+
+def guest_message(grant: argparse.Namespace, link: str, sent: datetime) -> KeyMessage:
+    """The shipped template's input for that grant, with the sandbox's key lifetime."""
+    lifetime = parser().parse_args(["sandbox"]).key_lifetime
+    message = sample(full_name=grant.full_name, expires_at=sent + timedelta(seconds=lifetime))
+    return replace(
+        message, url=link, phone_number=grant.phone_number, email_address=grant.email_address
+    )
+
+
+def test_sample_sms_is_what_the_shipped_template_renders() -> None:
+    block = sandbox_log("SMS")
+    header = re.match(r"--- SMS (\S+) to (\S+) from (\S+), (\S+) ---\n", block)
+    assert header, block
+    sid, to, _, received = header.groups()
+    [grant] = [g for g in readme_grants() if g.channels.startswith("sms")]
+    assert to == grant.phone_number
+    [link] = links(block)
+    message = guest_message(grant, link, datetime.fromisoformat(received))
+    outbox = Outbox()
+    sms = {"sid": sid, "to": to, "from": WORKER_ENV["TWILIO_FROM"], "body": render_sms(message)}
+    outbox.add_sms(sms | {"messaging_service_sid": None})
+    [entry] = outbox.entries
+    assert describe(entry | {"received_at": received}) == block
+    # outbox.json's sample: the same entry, cut short with "…"
+    sample_json = README.split("/outbox.json\n", 1)[1].split("```", 1)[0]
+    assert set(re.findall(r'"(\w+)":', sample_json)) == {"count", "messages", *entry}
+    [body] = re.findall(r'"body": "(.*?)"', sample_json)
+    shown = ".*".join(re.escape(part) for part in body.split("…"))
+    assert re.fullmatch(shown, entry["body"]), body
+
+
+def test_sample_email_is_what_the_shipped_templates_render() -> None:
+    block = sandbox_log("email")
+    header = re.match(r"--- email to (\S+) from \S+, (\S+) ---\n", block)
+    date = re.search(r"^Date: (.*)$", block, re.MULTILINE)
+    message_id = re.search(r"^Message-ID: (.*)$", block, re.MULTILINE)
+    assert header and date and message_id, block
+    [grant] = [g for g in readme_grants() if g.channels == "email"]
+    assert header[1] == grant.email_address
+    outbox_port = parser().parse_args(SERVICES["sandbox"]["command"]).outbox_port
+    outbox_page = f"http://127.0.0.1:{outbox_port}/"
+    [link] = [found for found in links(block) if not found.startswith(outbox_page)]
+    message = guest_message(grant, link, datetime.fromisoformat(header[2]))
+    sender = WORKER_ENV["EMAIL_FROM"]
+    composed = EmailChannel("sandbox", 8735, sender=sender)._compose(message)
+    received = message_from_bytes(composed.as_bytes(policy=policy.SMTP), policy=policy.default)
+    outbox = Outbox()
+    outbox.add_email(received, (sender, [header[1]]))
+    # What the moment decides, not the templates: arrival, Date, Message-ID, the outbox's count.
+    [entry] = outbox.entries
+    entry |= {"received_at": header[2], "date": date[1], "message_id": message_id[1]}
+    entry |= {"id": block.rsplit("#", 1)[1].split(")", 1)[0]}
+    assert describe(entry, outbox_page) == block
