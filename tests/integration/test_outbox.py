@@ -351,3 +351,30 @@ async def test_ikw_sandbox_prints_each_sms_and_email_in_full(
 
     process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(process.wait(), 30) == 0
+
+
+async def test_a_scheduled_delivery_is_listed_with_no_contact_and_escaped() -> None:
+    sandbox = Sandbox()
+    await sandbox.start()
+    try:
+        sandbox.outbox.hear({"type": "access.delivered", "instant_key_id": "k"})  # not listed
+        sandbox.outbox.hear(
+            {
+                "type": "access.scheduled",
+                "grant_id": "g-1",
+                "user_identity": {"user_identity_key": "<b>guest-7</b>"},
+                "reservation_key": "res-7",
+                "revision": 2,
+                "deliver_at": "2026-12-09T14:00:00Z",
+                "starts_at": "2026-12-10T14:00:00Z",
+                "ends_at": "2026-12-12T10:00:00Z",
+            }
+        )
+        async with aiohttp.ClientSession() as session:
+            async with session.get(sandbox.outbox.page_url) as response:
+                page = await response.text()
+    finally:
+        await sandbox.stop()
+    assert [entry["kind"] for entry in sandbox.outbox.entries] == ["scheduled"]
+    assert "Scheduled: a key for &lt;b&gt;guest-7&lt;/b&gt;, sent at 2026-12-09T14:00:00Z" in page
+    assert "res-7" in page and "<b>guest-7" not in page
