@@ -3,6 +3,7 @@ as a booking system hears them. The demo is a list of steps (``STEPS``): add one
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import sys
@@ -73,6 +74,7 @@ class Demo:
     key_lifetime: float
     sandbox: Sandbox
     service: Service | None = None
+    publisher: Publisher | None = None  # the booking system's, as it publishes
     outcomes: list[dict[str, Any]] = field(default_factory=list)  # as heard, in order
     keys: dict[str, Any] = field(default_factory=dict)  # the keys delivered, by id
 
@@ -128,12 +130,11 @@ async def publish_grants(demo: Demo) -> None:
 
 
 async def _publish(demo: Demo, body: bytes) -> None:
-    channel = await demo.connection.channel(publisher_confirms=True, on_return_raises=True)
-    user = config.Settings(amqp_url=demo.amqp_url).broker_user
-    await Publisher(channel, demo.names, user).publish_event(
-        "access.granted", body, str(uuid.uuid4())
-    )
-    await channel.close()
+    if demo.publisher is None:
+        channel = await demo.connection.channel(publisher_confirms=True, on_return_raises=True)
+        user = config.Settings(amqp_url=demo.amqp_url).broker_user
+        demo.publisher = Publisher(channel, demo.names, user)
+    await demo.publisher.publish_event("access.granted", body, str(uuid.uuid4()))
 
 
 async def show_deliveries(demo: Demo) -> None:
@@ -223,6 +224,8 @@ async def demo(key_lifetime: float) -> int:
     """Everything it starts and declares is stopped and deleted on the way out, however it ends
     (done, failed, Ctrl-C, or SIGTERM: the CLI cancels it like Ctrl-C)."""
     logs.setup("WARNING")
+    # A channel opening when Ctrl-C comes is closed with a warning of aiormq's: not news here.
+    logging.getLogger("aiormq").setLevel(logging.ERROR)
     amqp_url = os.environ.get("AMQP_URL", config.Settings.amqp_url)
     names = Names(f"ikw_demo_{uuid.uuid4().hex[:8]}")
     connection = await connect(amqp_url, "ikw demo")

@@ -71,7 +71,16 @@ def test_demo_shows_the_sms_the_email_and_the_deletion() -> None:
     assert sms and re.search(r"https://ik\.seam\.co/\S+", sms[1]), out
     assert re.search(r"--- email to g\*\*\*@example\.com, subject: .+ ---", out), out
     assert out.count("deleted from Seam: instant key") == 2
-    assert "\ndemo done: 2 grants delivered, 2 keys deleted at expiry\n" in out
+    # A stay: scheduled at once, its key sent before check-in, deleted at checkout.
+    assert re.search(
+        r"^  access\.scheduled  .*reservation_key=res-demo-1 deliver_at=\S+$", out, re.M
+    )
+    sent = re.search(r"^\+(\d+\.\d) s: the key is sent, before check-in$", out, re.MULTILINE)
+    ended = re.search(r"^\+(\d+\.\d) s: checkout: the key is deleted from Seam$", out, re.M)
+    assert sent and ended, out
+    assert 3 <= float(sent[1]) < 5 and 10 <= float(ended[1]) < 15  # +3 s, check-in +5, out +9+1
+    assert re.search(r"^  instant_key\.deleted  instant_key_id=\S+ why=stay_ended$", out, re.M)
+    assert "\ndemo done: 2 grants delivered, 2 keys deleted at expiry, one stay sent" in out
 
 
 def test_the_demo_names_what_it_made_what_was_heard_and_what_to_try_next() -> None:
@@ -95,7 +104,7 @@ def test_the_demo_names_what_it_made_what_was_heard_and_what_to_try_next() -> No
     ikw_path = after.partition(":")[0]
     assert Path(ikw_path).name == "ikw" and Path(ikw_path).exists(), after
     steps = re.findall(r"^  \d\. .*", after, re.MULTILINE)
-    assert [step.count(f"{ikw_path} ") for step in steps] == [1, 1, 1], after
+    assert [step.count(f"{ikw_path} ") for step in steps] == [1, 1, 1, 1], after
     assert f"{ikw_path} sandbox" in steps[0] and f"{ikw_path} publish grant" in steps[2]
 
 

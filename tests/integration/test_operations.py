@@ -3,6 +3,7 @@
 import asyncio
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
@@ -148,3 +149,29 @@ async def test_a_dead_lettered_grant_shows_why_in_status_and_activity(
     # Looking did not take the dead letter.
     code, out, _ = await cli("status")
     assert f"       1  {reason}" in out
+
+
+async def test_a_stay_s_activity_tells_its_scheduling_delivery_and_checkout(
+    sandbox: Sandbox, start_worker: StartWorker, publish: Publish, names: Names, cli: Cli
+) -> None:
+    worker = await start_worker(IKW_CHECKOUT_GRACE="1s")
+    now = datetime.now(UTC)
+    stay = {
+        "reservation_key": "res-act-1",
+        "deliver_at": (now + timedelta(seconds=2)).isoformat(),
+        "starts_at": (now + timedelta(seconds=3)).isoformat(),
+        "ends_at": (now + timedelta(seconds=4)).isoformat(),
+    }
+    await publish(grant(channels=("sms",)) | {"stay": stay})
+    await wait_for(lambda: settled(worker, names.checkouts, "acked") == 1, 20, "the checkout")
+    await recorded(worker)
+
+    code, out, _ = await cli("activity", "--reservation", "res-act-1")
+
+    assert code == 0
+    [scheduled, delivered, ended, summary] = out.splitlines()
+    assert "access.granted  scheduled: the key is sent at the stay's deliver_at" in scheduled
+    [key] = sandbox.seam.issued
+    assert f"stay.delivery  granted: delivered on sms, key {key['instant_key_id']}" in delivered
+    assert "stay.end  stay ended: 1 keys deleted" in ended
+    assert summary.startswith("3 entries for reservation res-act-1 of ")

@@ -144,4 +144,16 @@ def what_happened(entry: Entry) -> str:
         return f"revoked: {entry.get('deleted', 0)} keys deleted"
     if action == "cleaned_up":
         return f"cleaned up: {key} deleted at its expiry"
-    return str(action or settled)
+    if action == "stay_ended":
+        return f"stay ended: {entry.get('deleted', 0)} keys deleted"
+    return PHRASES.get(str(action), str(action or settled))
+
+
+# What the stays' other actions mean, in a line.
+PHRASES = {
+    "scheduled": "scheduled: the key is sent at the stay's deliver_at",
+    "stale_revision": "stale revision: no higher than the one applied; changed nothing",
+    "stale_timer": "a timer of a revision since replaced: dropped",
+    "already_held": "the guest holds a working key for the stay: not sent again",
+    "timer_rescheduled": "came due early: set again for its time",
+}
