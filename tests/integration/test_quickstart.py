@@ -137,6 +137,7 @@ def test_every_quickstart_block_is_run_here_or_elsewhere() -> None:
         "outcomes",
         "status",
         "stay",
+        "revoke",
     }
     assert blocks["install"] == [["make", "install"]]
     assert blocks["demo"] == [["make", "demo"]]
@@ -191,4 +192,12 @@ async def test_the_quickstart_runs_as_written(
     stay, lookup = blocks["stay"]
     assert "published access.granted" in await run(stay, env)
     await run_until(lookup, env, lambda out: "scheduled" in out)
+    assert "+14155550101" not in sandbox.output
+
+    # Revoke: the key is deleted; the cancelled stay never sends.
+    revoke, cancel, history = blocks["revoke"]
+    assert "published access.revoked" in await run(revoke, env)
+    assert "published access.revoked" in await run(cancel, env)
+    await run_until(history, env, lambda out: "revoked: 1 keys deleted" in out)
+    await run_until(lookup, env, lambda out: "revoked: 0 keys deleted" in out)
     assert "+14155550101" not in sandbox.output
