@@ -272,7 +272,7 @@ class Settings(GuestText, BrokerSettings):
     """Everything ``ikw run`` reads: the broker's, the guest text's, Seam's, the channels' (by
     name, each its channel's own settings group) and the worker's own."""
 
-    # Enough to hide ~200 ms per Seam call at what one core can do (README, "Scaling").
+    # Enough to hide ~200 ms per Seam call at what one core can do (docs/scaling.md).
     prefetch: int = setting(
         "IKW_PREFETCH",
         1024,

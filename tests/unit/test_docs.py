@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.cli import parser
+from worker.cli import main, parser
 from worker.config import VARIABLES, variables
 from worker.errors import REASONS
 
@@ -41,3 +41,21 @@ def test_the_configuration_table_is_the_declared_settings() -> None:
         [variable] = [v for v in variables() if v.name == first[0]]
         if type(variable.default) in (str, int) and variable.default not in ("", 0):
             assert str(variable.default) in row.split("|")[2], row
+
+
+def test_the_topology_section_names_what_topology_print_shows(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ikw topology --print` (no broker needed): every exchange and queue it shows is in the
+    README's "RabbitMQ topology" (the delay levels as the range `.00` … `.27`)."""
+    monkeypatch.delenv("IKW_NAMESPACE", raising=False)
+    assert main(["topology", "--print", "--producer", "booking"]) == 0
+    shown = {
+        line.split()[1].replace(".outcomes.booking", ".outcomes.NAME")
+        for line in capsys.readouterr().out.splitlines()
+        if line.split()[0] in ("exchange", "queue")
+    }
+    section = README.split("### RabbitMQ topology", 1)[1].split("\n### ", 1)[0]
+    named = set(re.findall(r"`(instant_keys[\w.]*)`", section))
+    named |= {f"instant_keys.delay.{level:02}" for level in range(28)}
+    assert shown - named == set()
