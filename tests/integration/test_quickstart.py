@@ -192,6 +192,7 @@ async def test_the_quickstart_runs_as_written(
     stay, lookup = blocks["stay"]
     assert "published access.granted" in await run(stay, env)
     await run_until(lookup, env, lambda out: "scheduled" in out)
+    await sandbox.printed("--- scheduled: a key for guest-2 (reservation res-1, revision 0)")
     assert "+14155550101" not in sandbox.output
 
     # Revoke: the key is deleted; the cancelled stay never sends.
