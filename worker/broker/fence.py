@@ -90,6 +90,8 @@ class StreamFence:
         self._waiting: dict[str, asyncio.Future[None]] = {}
         self._channel: AbstractChannel | None = None
         self._tag: str | None = None  # our consumer of the fence
+        self._acking = asyncio.Lock()
+        self._acked: tuple[object, int] = (None, 0)  # the channel, the highest tag acked on it
         self._catching_up: asyncio.Task[None] | None = None
         self._snapshotting: asyncio.Task[None] | None = None
 
@@ -322,12 +324,21 @@ class StreamFence:
             self.record.prune()  # a long catch-up keeps only what can still fence
         self._maybe_snapshot()
 
-    @staticmethod
-    async def _ack(message: AbstractIncomingMessage) -> None:
-        try:
-            await message.ack(multiple=True)  # streams hand out more only as we ack
-        except BROKER_ERRORS:
-            pass
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        """Ack everything up to ``message`` (streams hand out more only as we ack). One ack at
+        a time and never a lower tag after a higher one: each message's callback is a task of
+        its own, and the connection's write queue does not keep waiting tasks in order; a
+        "multiple" ack that reaches the broker after a higher one names a tag it no longer
+        knows, and the broker closes the channel for it."""
+        async with self._acking:
+            try:
+                channel = message.channel
+                if channel is self._acked[0] and (message.delivery_tag or 0) <= self._acked[1]:
+                    return
+                await message.ack(multiple=True)
+                self._acked = (channel, message.delivery_tag or 0)
+            except BROKER_ERRORS:
+                pass
 
     def _read(self, body: bytes) -> None:
         entry = decode(body)

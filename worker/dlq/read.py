@@ -1,5 +1,6 @@
 """Reading the dead queue: each dead letter described, held unacked while we look."""
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -16,6 +17,9 @@ from worker.broker import headers
 from worker.broker.topology import Names
 
 ERROR_WIDTH = 160
+# A get that finds nothing while the queue counts messages ready is asked again, this often.
+EMPTY_GETS = 20
+EMPTY_PAUSE = 0.05
 BROKER_REASONS: dict[str, str] = {reason: reason.description for reason in errors.BROKER_REASONS}
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 
@@ -152,10 +156,15 @@ async def _read_all(
     # Only what is there now: a worker may dead-letter more while we read.
     expected = queue.declaration_result.message_count or 0
     letters: list[DeadLetter] = []
-    while len(letters) < expected:
+    empty = 0
+    while len(letters) < expected and empty < EMPTY_GETS:
         message = await queue.get(no_ack=False, fail=False)
         if message is None:
-            break
+            # Counted as ready but not handed out yet: a message another reader (a second
+            # `ikw dlq`) is giving back. Ask again shortly, a bounded number of times.
+            empty += 1
+            await asyncio.sleep(EMPTY_PAUSE)
+            continue
         letters.append(describe(message, worker))
     return letters
 
