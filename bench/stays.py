@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from fence import free_port, logged, metric, rss_kib, until_quiet, until_ready
+from fence import free_port, time_fresh_replica, until_quiet, until_ready
 from harness import AMQP_URL, Broker, Workers, new_names, print_figures, print_table, worker_env
 
 from worker.broker.fence import stay_entry
@@ -266,8 +266,8 @@ async def run(args: argparse.Namespace) -> None:
         before = broker_figures(names)
         async with aiohttp.ClientSession() as http:
             follower_port = free_port()
-            env = worker_env(sandbox.env(), AMQP_URL, names, {"IKW_HTTP_PORT": str(follower_port)})
-            await follower.start(1, env)
+            env = worker_env(sandbox.env(), AMQP_URL, names, {})
+            await follower.start(1, {**env, "IKW_HTTP_PORT": str(follower_port)})
             await until_ready(http, follower_port, follower, deadline)
             worker_seconds = await through_worker(broker, sample, deadline) if sample else 0.0
             direct_seconds = await directly(broker, grants[len(sample) :])
@@ -277,16 +277,7 @@ async def run(args: argparse.Namespace) -> None:
             pending = timers(names)
             rolled = await rolled_over(names)
             await follower.stop()
-            port = free_port()
-            spawned = time.monotonic()
-            await fresh.start(
-                1, worker_env(sandbox.env(), AMQP_URL, names, {"IKW_HTTP_PORT": str(port)})
-            )
-            why = await until_ready(http, port, fresh, deadline)
-            ready = time.monotonic() - spawned
-            rss, peak = rss_kib(fresh.pids[0], "VmRSS"), rss_kib(fresh.pids[0], "VmHWM")
-            gauge = await metric(http, port, "ikw_fence_memory_bytes")
-            [caught] = logged(log_dir / "fresh" / "worker-0.log", "revocation fence caught up")
+            ready = await time_fresh_replica(http, fresh, env, deadline)
     finally:
         await fresh.stop()
         await follower.stop()
@@ -300,13 +291,16 @@ async def run(args: argparse.Namespace) -> None:
         ("  written directly", rate(direct, direct_seconds)),
         ("bytes of a stay's record entry, timers", written_bytes(grants[0])),
         ("pending timers (delay queues)", pending),
-        ("fresh replica: records read", caught["records"]),
-        ("  seconds to ready", f"{ready:.2f}"),
-        ("  of which reading the record", caught["seconds"]),
-        ("  entries held", caught["entries"]),
-        ("  fence memory gauge (MiB)", f"{gauge / 2**20:.1f}"),
-        ("  RSS at ready / peak (MiB)", f"{rss / 1024:.0f} / {peak / 1024:.0f}"),
-        ("  last /readyz reason", why or "-"),
+        ("fresh replica: records read", ready.caught["records"]),
+        ("  seconds to ready", f"{ready.seconds:.2f}"),
+        ("  of which reading the record", ready.caught["seconds"]),
+        ("  entries held", ready.caught["entries"]),
+        ("  fence memory gauge (MiB)", f"{ready.memory_gauge / 2**20:.1f}"),
+        (
+            "  RSS at ready / peak (MiB)",
+            f"{ready.rss_kib / 1024:.0f} / {ready.peak_kib / 1024:.0f}",
+        ),
+        ("  last /readyz reason", ready.why or "-"),
         ("namespace queues left after", len(left)),
     ]
     print_figures(rows)
