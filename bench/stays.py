@@ -169,7 +169,8 @@ QUORUM = """[begin
   Tids = [element(4, T) || T <- ets:lookup(ra_log_open_mem_tables, U)]
     ++ [element(tuple_size(T), T) || T <- ets:lookup(ra_log_closed_mem_tables, U)],
   Words = [case ets:info(T, memory) of N when is_integer(N) -> N; _ -> 0 end || T <- Tids],
-  {ra_env:server_data_dir(quorum_queues, U), lists:sum(Words) * erlang:system_info(wordsize)}
+  {element(4, amqqueue:get_name(Q)), ra_env:server_data_dir(quorum_queues, U),
+   lists:sum(Words) * erlang:system_info(wordsize)}
  end || Q <- rabbit_amqqueue:list(<<"/">>), amqqueue:get_type(Q) =:= rabbit_quorum_queue,
   binary:longest_common_prefix([element(4, amqqueue:get_name(Q)), <<"@NS@">>]) =:= @SIZE@]."""
 ROLL_OVER = "ra_log_wal:force_roll_over(ra_log_wal)."
@@ -182,21 +183,23 @@ def broker_figures(names: Names) -> dict[str, int]:
         rabbitmqctl("list_queues", "name", "messages", "memory", "--formatter", "json")
     )
     ours = [q for q in queues if q["name"].startswith(mine)]
-    delay = [q for q in ours if q["name"].startswith(names.delay(0)[:-2])]
+    delay_prefix = names.delay(0)[:-2]
+    delay = [q for q in ours if q["name"].startswith(delay_prefix)]
     node = json.loads(rabbitmqctl("status", "--formatter", "json"))["memory"]
     data = Path(rabbitmqctl("eval", "rabbit_mnesia:dir().").strip().strip('"'))
     query = QUORUM.replace("@NS@", mine).replace("@SIZE@", str(len(mine.encode())))
-    quorum = [
-        (Path(d), int(m))
-        for d, m in re.findall(r'"([^"]+)",\s*(\d+)\}', rabbitmqctl("eval", query))
-    ]
+    found = re.findall(r'<<"([^"]+)">>,\s*"([^"]+)",\s*(\d+)\}', rabbitmqctl("eval", query))
+    delays = [(Path(d), int(m)) for q, d, m in found if q.startswith(delay_prefix)]
+    others = [(Path(d), int(m)) for q, d, m in found if not q.startswith(delay_prefix)]
     streams = list((data / "stream").glob(f"*_{names.namespace}_fence*"))
     wal = list((data / "quorum").glob("*/*.wal"))
     return {
-        "delay queues memory": sum(q["memory"] for q in delay),
-        "all the namespace's queues memory": sum(q["memory"] for q in ours),
-        "quorum queues' entries in memory": sum(m for _, m in quorum),
-        "quorum queues disk": sum(disk_bytes(d) for d, _ in quorum),
+        "delay queues: queue processes": sum(q["memory"] for q in delay),
+        "delay queues: entries in memory": sum(m for _, m in delays),
+        "delay queues: on disk": sum(disk_bytes(d) for d, _ in delays),
+        "other queues: queue processes": sum(q["memory"] for q in ours if q not in delay),
+        "other queues: entries in memory": sum(m for _, m in others),
+        "other queues: on disk": sum(disk_bytes(d) for d, _ in others),
         "record stream disk": sum(disk_bytes(s) for s in streams),
         "whole node memory": node["total"]["rss"],
         "whole node quorum_ets": node["quorum_ets"],
@@ -243,7 +246,7 @@ async def rolled_over(names: Names) -> dict[str, int]:
     for _ in range(30):
         await asyncio.sleep(2)
         figures = broker_figures(names)
-        if figures["quorum queues' entries in memory"] < 2**20:
+        if figures["delay queues: entries in memory"] < 2**20:
             break
     return figures
 
