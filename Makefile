@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo run sandbox test lint schemas bench bench-fence soak soak-cluster cluster-start cluster-stop clean
+.PHONY: install demo run sandbox test lint schemas bench bench-fence bench-stays soak soak-cluster cluster-start cluster-stop clean
 
 install: $(STAMP)
 
@@ -44,6 +44,9 @@ bench: install  ## one worker at 0, 50 and 200 ms per Seam call, against the flo
 
 bench-fence: install  ## a fence of 1,000,000 revokes: a fresh replica's seconds to ready, records/s, RSS
 	$(BIN)/python bench/fence.py
+
+bench-stays: install  ## 100,000 stays days ahead: the broker's memory and disk per stay, a fresh replica's seconds to ready
+	$(BIN)/python bench/stays.py
 
 soak: install  ## fault soak: lost and duplicate keys must print 0
 	$(BIN)/python bench/soak.py

@@ -15,6 +15,8 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,35 @@ async def until_ready(
     raise TimeoutError(f"not ready by the deadline ({why})")
 
 
+@dataclass
+class Ready:
+    """A fresh replica at ready: seconds from spawning, the last /readyz reason before, its
+    RSS and peak (KiB), its "revocation fence caught up" log line, its fence memory gauge."""
+
+    seconds: float
+    why: str
+    rss_kib: int
+    peak_kib: int
+    caught: dict[str, Any]
+    memory_gauge: float
+
+
+async def time_fresh_replica(
+    http: aiohttp.ClientSession, fresh: Workers, env: Mapping[str, str], deadline: float
+) -> Ready:
+    """Spawn one `ikw run` and poll its /readyz every 50 ms until 200."""
+    port = free_port()
+    spawned = time.monotonic()
+    await fresh.start(1, {**env, "IKW_HTTP_PORT": str(port)})
+    why = await until_ready(http, port, fresh, deadline)
+    seconds = time.monotonic() - spawned
+    pid = fresh.pids[0]
+    rss, peak = rss_kib(pid, "VmRSS"), rss_kib(pid, "VmHWM")
+    gauge = await metric(http, port, "ikw_fence_memory_bytes")
+    [caught] = logged(fresh.log_dir / "worker-0.log", "revocation fence caught up")
+    return Ready(seconds, why, rss, peak, caught, gauge)
+
+
 async def run(args: argparse.Namespace) -> None:
     names = new_names("ikw_fence")
     log_dir = Path(tempfile.mkdtemp(prefix=f"{names.namespace}-"))
@@ -133,15 +164,9 @@ async def run(args: argparse.Namespace) -> None:
             now = datetime.now(UTC)
             await fill_fence(channel, names, user, args.tail, now, prefix="tail-")
 
-            port = free_port()
-            spawned = time.monotonic()
-            env = {"IKW_HTTP_PORT": str(port)}
-            await fresh.start(1, worker_env(sandbox.env(), AMQP_URL, names, env))
-            why = await until_ready(http, port, fresh, deadline)
-            ready = time.monotonic() - spawned
-            pid = fresh.pids[0]
-            rss, peak = rss_kib(pid, "VmRSS"), rss_kib(pid, "VmHWM")
-            [caught] = logged(log_dir / "fresh" / "worker-0.log", "revocation fence caught up")
+            env = worker_env(sandbox.env(), AMQP_URL, names, {})
+            ready = await time_fresh_replica(http, fresh, env, deadline)
+            caught = ready.caught
     finally:
         await fresh.stop()
         await follower.stop()
@@ -153,15 +178,15 @@ async def run(args: argparse.Namespace) -> None:
             ("filled in (s)", f"{fill_seconds:.1f} ({args.records / fill_seconds:,.0f}/s)"),
             ("snapshots written while filling", snapshots),
             ("records the fresh replica read", caught["records"]),
-            ("seconds to ready", f"{ready:.2f}"),
+            ("seconds to ready", f"{ready.seconds:.2f}"),
             ("  of which reading the fence", caught["seconds"]),
             ("records/s", f"{caught['records'] / max(caught['seconds'], 1e-3):,.0f}"),
             ("entries held", caught["entries"]),
             ("entries/s", f"{caught['entries'] / max(caught['seconds'], 1e-3):,.0f}"),
             ("fence memory (MiB, estimated)", caught["memory_mib"]),
-            ("replica RSS at ready (MiB)", f"{rss / 1024:.0f}"),
-            ("replica peak RSS (MiB)", f"{peak / 1024:.0f}"),
-            ("last /readyz reason", why or "-"),
+            ("replica RSS at ready (MiB)", f"{ready.rss_kib / 1024:.0f}"),
+            ("replica peak RSS (MiB)", f"{ready.peak_kib / 1024:.0f}"),
+            ("last /readyz reason", ready.why or "-"),
         ]
     )
 

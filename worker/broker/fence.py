@@ -66,6 +66,13 @@ async def consume_stream(
     return queue, await queue.consume(callback, arguments=arguments)
 
 
+def stay_entry(stay: StayRecord, reservation_key: str) -> Entry:
+    """A stay's revision as the record stream holds it (the bench writes the same)."""
+    entry: Entry = {"t": "stay", "r": reservation_key, "rev": stay.revision}
+    entry |= {"grant_at": stay.grant_at, "event": stay.event_id, "names": list(stay.names)}
+    return entry | {"deliver": stay.deliver_at, "start": stay.starts_at, "end": stay.ends_at}
+
+
 class StreamFence:
     def __init__(
         self,
@@ -125,10 +132,7 @@ class StreamFence:
         await self.append(entry | {"expires_at": expires_ms} | extra)
 
     async def record_stay(self, stay: StayRecord, reservation_key: str) -> None:
-        entry = {"t": "stay", "r": reservation_key, "rev": stay.revision}
-        entry |= {"grant_at": stay.grant_at, "event": stay.event_id, "names": list(stay.names)}
-        entry |= {"deliver": stay.deliver_at, "start": stay.starts_at, "end": stay.ends_at}
-        await self.append(entry, read_back=True)
+        await self.append(stay_entry(stay, reservation_key), read_back=True)
 
     async def wait_caught_up(self) -> None:
         if self.caught_up.is_set():
