@@ -255,7 +255,7 @@ def _stay_record(
     starts_at: object,
     ends_at: object,
 ) -> StayRecord:
-    if not isinstance(names, list):
+    if not isinstance(names, list | tuple):
         raise TypeError("names is not a list")
     times = [int(t) for t in (grant_at, deliver_at, starts_at, ends_at)]  # type: ignore[call-overload]
     return StayRecord(

@@ -121,7 +121,10 @@ class Stays:
                 )
                 return Outcome(Action.STALE_REVISION)
         await self.flows.fence.record_stay(new, stay.reservation_key)
-        if self.flows.fenced(event, new.names):  # a revoke recorded before ours, read back
+        # Read back: what other replicas recorded before ours is known now.
+        if self.record.stays.get(stay.reservation_key, new)[:3] != new[:3]:
+            return Outcome(Action.STALE_REVISION)  # a higher revision, handled elsewhere
+        if self.flows.fenced(event, new.names):
             return Outcome(Action.FENCED)
         await self._schedule_end(stay, guest)
         now = self.flows.clock()

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.builders import body, grant, revoke
+from worker.broker.fence import stay_entry
 from worker.errors import ChannelRefused, Permanent, SeamRejected, Transient
 from worker.events import (
     AccessDelivered,
@@ -140,7 +141,7 @@ class MemoryFence:
         )
 
     async def record_stay(self, stay: StayRecord, reservation_key: str) -> None:
-        self.record.apply({"t": "stay", "many": {reservation_key: list(stay)}})
+        assert self.record.apply(stay_entry(stay, reservation_key))
 
     async def wait_caught_up(self) -> None:
         pass
@@ -465,3 +466,42 @@ async def test_a_deadline_during_generation_still_leaves_the_minted_key_a_timer(
     slow.set()
     await asyncio.wait_for(scheduled.one.wait(), 5)
     assert scheduled.keys == list(seam.keys)
+
+
+def stay_event(revision: int, deliver_in: timedelta) -> AccessGranted:
+    start = NOW + deliver_in + timedelta(days=1)
+    stay = {
+        "reservation_key": "res-1",
+        "starts_at": at(start),
+        "ends_at": at(start + timedelta(days=2)),
+        "deliver_at": at(NOW + deliver_in),
+        "revision": revision,
+    }
+    return event(stay=stay)
+
+
+async def test_a_stay_is_scheduled_not_sent_and_its_end_is_set() -> None:
+    seam, heard = MemorySeam(), Heard()
+    sms = Recorder("sms")
+    flow, scheduled = flows(seam, sms, heard=heard)
+    outcome = await flow.grant(stay_event(1, timedelta(days=3)))
+    assert (outcome.action, sms.sent, seam.keys) == (Action.SCHEDULED, [], {})
+    delivery, end = sorted(scheduled.timers, key=lambda t: t.type)
+    assert isinstance(delivery, StayDelivery) and delivery.due_at == NOW + timedelta(days=3)
+    assert isinstance(end, StayEnd) and end.revision == 1
+    assert end.due_at == NOW + timedelta(days=6, hours=1)  # checkout plus the grace
+    assert [o.type for o in heard.outcomes] == ["access.scheduled"]
+
+
+async def test_a_higher_revision_recorded_elsewhere_first_makes_ours_stale() -> None:
+    class Racing(MemoryFence):
+        async def record_stay(self, stay: StayRecord, reservation_key: str) -> None:
+            # Another replica's revision, recorded before ours: read back with it.
+            higher = stay._replace(revision=stay.revision + 1, event_id="other")
+            await super().record_stay(higher, reservation_key)
+            await super().record_stay(stay, reservation_key)
+
+    seam, sms = MemorySeam(), Recorder("sms")
+    flow, scheduled = flows(seam, sms, fence=Racing())
+    outcome = await flow.grant(stay_event(1, timedelta(0)))  # due now: it would send at once
+    assert (outcome.action, sms.sent, scheduled.timers) == (Action.STALE_REVISION, [], [])
