@@ -236,6 +236,11 @@ class KnownIdentity(Model):
     user_identity_id: str | None = None
     user_identity_key: str | None = None
 
+    @classmethod
+    def named(cls, ref: IdentityRef) -> "KnownIdentity":
+        """As an event named it."""
+        return cls(user_identity_id=ref.user_identity_id, user_identity_key=ref.user_identity_key)
+
 
 class OutcomeBase(Model):
     version: Literal[1] = 1
@@ -291,6 +296,19 @@ class AccessDeliveryFailed(OutcomeBase):
         "nothing to replay); else the dead letter's x-ikw-reason, e.g. no_channel_accepted"
     )
     error: str = Field(description="One line; never a link or a contact")
+
+    @classmethod
+    def of(
+        cls, grant: "AccessGranted", reason: str, error: str, at: datetime
+    ) -> "AccessDeliveryFailed":
+        return cls(
+            occurred_at=at,
+            event_id=grant.event_id,
+            grant_id=grant.grant_id,
+            user_identity=KnownIdentity.named(grant.user_identity),
+            reason=reason,
+            error=error,
+        )
 
 
 class KeyDeleted(OutcomeBase):

@@ -250,25 +250,28 @@ class Flows:
                 deleted = [key for key in keys if self._revoked_by(key, event)]
                 kept = len(keys) - len(deleted)
                 await self.each(deleted, lambda key: self.delete(key, "revoked", ref))
+        identity_id = identity.user_identity_id if identity else None
+        return await self.revoked(event, identity_id, len(deleted), kept)
+
+    async def revoked(
+        self, event: AccessRevoked, identity_id: str | None, deleted: int, kept: int
+    ) -> Outcome:
+        """A revoke has done its work: its producer hears how much."""
         await self.announcer.announce(
             RevokeCompleted(
                 occurred_at=self.clock(),
                 event_id=event.event_id,
                 grant_id=event.grant_id,
                 user_identity=KnownIdentity(
-                    user_identity_id=identity.user_identity_id if identity else None,
-                    user_identity_key=ref.user_identity_key,
+                    user_identity_id=identity_id,
+                    user_identity_key=event.user_identity.user_identity_key,
                 ),
                 revoked_at=event.occurred_at,
-                deleted=len(deleted),
+                deleted=deleted,
                 kept=kept,
             )
         )
-        return Outcome(
-            Action.REVOKED,
-            deleted=len(deleted),
-            identity_id=identity.user_identity_id if identity else None,
-        )
+        return Outcome(Action.REVOKED, deleted=deleted, identity_id=identity_id)
 
     def _revoked_by(self, key: InstantKey, event: AccessRevoked) -> bool:
         """A key delivered for a grant that occurred at or before the revoke, or for a grant

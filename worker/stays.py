@@ -20,7 +20,6 @@ from worker.events import (
     DeletedWhy,
     IdentityRef,
     KnownIdentity,
-    RevokeCompleted,
     Stay,
     StayDelivery,
     StayEnd,
@@ -291,8 +290,6 @@ class Stays:
     async def cancel(self, event: AccessRevoked) -> "Outcome":
         """A revoke naming a reservation: the stay ends now, and every grant of it that occurred
         before the revoke is fenced."""
-        from worker.flows import Action, Outcome
-
         assert event.reservation_key is not None
         ref = event.user_identity
         current = self.record.stays.get(event.reservation_key)
@@ -305,20 +302,7 @@ class Stays:
         deleted, kept, identity_id = await self._end(
             ref, event.reservation_key, why, event.occurred_at
         )
-        await self.flows.announcer.announce(
-            RevokeCompleted(
-                occurred_at=self.flows.clock(),
-                event_id=event.event_id,
-                grant_id=event.grant_id,
-                user_identity=KnownIdentity(
-                    user_identity_id=identity_id, user_identity_key=ref.user_identity_key
-                ),
-                revoked_at=event.occurred_at,
-                deleted=deleted,
-                kept=kept,
-            )
-        )
-        return Outcome(Action.REVOKED, deleted=deleted, identity_id=identity_id)
+        return await self.flows.revoked(event, identity_id, deleted, kept)
 
     async def _end(
         self, ref: IdentityRef, reservation_key: str, why: DeletedWhy, before: datetime | None
@@ -367,22 +351,9 @@ def _ids(event: AccessGranted) -> dict[str, object]:
     }
 
 
-def _known(event: AccessGranted) -> KnownIdentity:
-    guest = event.user_identity
-    return KnownIdentity(
-        user_identity_id=guest.user_identity_id, user_identity_key=guest.user_identity_key
-    )
-
-
 def _ended(event: AccessGranted, now: datetime) -> AccessDeliveryFailed:
-    return AccessDeliveryFailed(
-        occurred_at=now,
-        event_id=event.event_id,
-        grant_id=event.grant_id,
-        user_identity=_known(event),
-        reason="stay_ended",
-        error="the stay ended before its key could be sent",
-    )
+    error = "the stay ended before its key could be sent"
+    return AccessDeliveryFailed.of(event, "stay_ended", error, now)
 
 
 def _scheduled(event: AccessGranted, stay: Stay, due: datetime, now: datetime) -> AccessScheduled:
@@ -390,7 +361,7 @@ def _scheduled(event: AccessGranted, stay: Stay, due: datetime, now: datetime) -
         occurred_at=now,
         event_id=event.event_id,
         grant_id=event.grant_id,
-        user_identity=_known(event),
+        user_identity=KnownIdentity.named(event.user_identity),
         reservation_key=stay.reservation_key,
         revision=stay.revision,
         deliver_at=due,

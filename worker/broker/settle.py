@@ -43,7 +43,6 @@ from worker.events import (
     AccessGranted,
     AccessRejected,
     Event,
-    KnownIdentity,
     StayDelivery,
     event_key,
     glimpse,
@@ -137,18 +136,7 @@ def refusal(h: Handling, route: Route | None) -> AccessDeliveryFailed | AccessRe
     if isinstance(event, StayDelivery):
         event = event.grant  # a stay's key due: the grant's producer hears it failed
     if isinstance(event, AccessGranted) and route is not None and route.announces_failure:
-        identity = event.user_identity
-        return AccessDeliveryFailed(
-            occurred_at=now,
-            event_id=event.event_id,
-            grant_id=event.grant_id,
-            user_identity=KnownIdentity(
-                user_identity_id=identity.user_identity_id,
-                user_identity_key=identity.user_identity_key,
-            ),
-            reason=dead.reason,
-            error=dead.error,
-        )
+        return AccessDeliveryFailed.of(event, dead.reason, dead.error, now)
     if route is not None and not route.public:
         return None  # the worker's own timers: their producer did not publish them
     read = glimpse(h.message.body)
