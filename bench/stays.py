@@ -35,9 +35,8 @@ from harness import AMQP_URL, Broker, Workers, new_names, print_figures, print_t
 from worker.broker.fence import stay_entry
 from worker.broker.publisher import announce_to
 from worker.events import AccessGranted, IdentityRef, StayDelivery, StayEnd, granted
-from worker.flows import identity_names
 from worker.queues import LEVELS, Names
-from worker.record import StayRecord, millis, reservation_name
+from worker.record import StayRecord, identity_names, millis, reservation_name
 from worker.sandbox.all import Sandbox
 from worker.stays import DEFAULT_STAY_TIMES, deliver_at
 

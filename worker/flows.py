@@ -4,10 +4,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 
+from worker.actions import Action, Outcome
 from worker.errors import ChannelRefused, Permanent, Reason, SeamRejected, TakenBackError, Transient
 from worker.events import (
     AccessDelivered,
@@ -35,6 +34,7 @@ from worker.ports import (
     Seam,
     UserIdentity,
 )
+from worker.record import identity_names
 from worker.stays import DEFAULT_STAY_TIMES, ForStay, Stays, StayTimes
 
 log = logging.getLogger("worker.flows")
@@ -45,12 +45,6 @@ PARALLEL_CALLS = 8
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def identity_names(user_identity_id: str | None, user_identity_key: str | None) -> list[str]:
-    """How the fence names an identity: by its key and by its id, whichever are known."""
-    names = [f"key:{user_identity_key}"] if user_identity_key else []
-    return names + ([f"id:{user_identity_id}"] if user_identity_id else [])
 
 
 def _retrieved(task: "asyncio.Future[InstantKey]") -> None:
@@ -78,50 +72,6 @@ class KeyedLocks:
                 del self._locks[name]
             else:
                 self._locks[name] = (lock, users - 1)
-
-
-class Action(StrEnum):
-    GRANTED = "granted"
-    FENCED = "fenced"  # the grant occurred before a revoke of its identity: nothing delivered
-    REVOKED = "revoked"
-    CLEANED_UP = "cleaned_up"
-    CLEANUP_RESCHEDULED = "cleanup_rescheduled"
-    # Our own outcome event back from the alternate exchange (a topology without <ns>.unheard).
-    UNHEARD = "unheard"
-    # Stays
-    SCHEDULED = "scheduled"  # recorded; its key is sent at deliver_at
-    STALE_REVISION = "stale_revision"  # a revision no higher than the one applied: nothing done
-    STALE_TIMER = "stale_timer"  # a stay's timer for a revision since replaced: dropped
-    STAY_ENDED = "stay_ended"  # checkout: its keys deleted (or, for a grant, too late to send)
-    ALREADY_HELD = "already_held"  # the guest holds a working key for the stay: not sent again
-    TIMER_RESCHEDULED = "timer_rescheduled"
-
-
-# Counted in ikw_stays_total by what happened.
-STAY_ACTIONS = frozenset(
-    {
-        Action.SCHEDULED,
-        Action.STALE_REVISION,
-        Action.STALE_TIMER,
-        Action.STAY_ENDED,
-        Action.ALREADY_HELD,
-    }
-)
-
-
-@dataclass
-class Outcome:
-    """What a handled event did, for logs and metrics."""
-
-    action: Action
-    channel: str | None = None
-    key_id: str | None = None
-    minted: bool = False
-    deleted: int = 0
-    provider_message_id: str | None = None
-    identity_id: str | None = None
-    created: bool = False  # the grant created the identity in Seam
-    key: InstantKey | None = field(default=None, repr=False)  # the key delivered
 
 
 class Flows:

@@ -68,6 +68,12 @@ class Delivery(NamedTuple):
     contact: str | None = None
 
 
+def identity_names(user_identity_id: str | None, user_identity_key: str | None) -> list[str]:
+    """How the fence names an identity: by its key and by its id, whichever are known."""
+    names = [f"key:{user_identity_key}"] if user_identity_key else []
+    return names + ([f"id:{user_identity_id}"] if user_identity_id else [])
+
+
 def reservation_name(reservation_key: str) -> str:
     return f"res:{reservation_key}"
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import assert_never
 
+from worker.actions import Outcome
 from worker.events import (
     AccessGranted,
     AccessRevoked,
@@ -16,7 +17,7 @@ from worker.events import (
     StayEnd,
     literal,
 )
-from worker.flows import Flows, Outcome
+from worker.flows import Flows
 
 
 @dataclass(frozen=True)

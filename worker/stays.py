@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
+from worker.actions import Action, Outcome
 from worker.errors import Permanent, Reason
 from worker.events import (
     AccessDeliveryFailed,
@@ -25,10 +26,17 @@ from worker.events import (
     StayEnd,
 )
 from worker.ports import InstantKey
-from worker.record import Record, StayRecord, from_millis, millis, reservation_name
+from worker.record import (
+    Record,
+    StayRecord,
+    from_millis,
+    identity_names,
+    millis,
+    reservation_name,
+)
 
 if TYPE_CHECKING:
-    from worker.flows import Flows, Outcome
+    from worker.flows import Flows
 
 log = logging.getLogger("worker.stays")
 
@@ -94,10 +102,8 @@ class Stays:
 
     # -- a grant with a stay --------------------------------------------------------------------
 
-    async def accept(self, event: AccessGranted, still_held: Callable[[], bool]) -> "Outcome":
+    async def accept(self, event: AccessGranted, still_held: Callable[[], bool]) -> Outcome:
         """Record the stay's revision, schedule its end, then schedule or send its key."""
-        from worker.flows import Action, Outcome, identity_names
-
         stay = _stay_of(event)
         guest = event.user_identity
         names = identity_names(guest.user_identity_id, guest.user_identity_key)
@@ -178,9 +184,7 @@ class Stays:
             return False
         return event_id is None or stay.event_id == event_id
 
-    async def delivery_due(self, timer: StayDelivery, still_held: Callable[[], bool]) -> "Outcome":
-        from worker.flows import Action, Outcome
-
+    async def delivery_due(self, timer: StayDelivery, still_held: Callable[[], bool]) -> Outcome:
         event = timer.grant
         stay = _stay_of(event)
         if await self._early(timer):
@@ -195,9 +199,7 @@ class Stays:
             return Outcome(Action.STAY_ENDED)
         return await self._deliver(event, timer.reason, still_held)
 
-    async def end_due(self, timer: StayEnd) -> "Outcome":
-        from worker.flows import Action, Outcome
-
+    async def end_due(self, timer: StayEnd) -> Outcome:
         if await self._early(timer):
             return Outcome(Action.TIMER_RESCHEDULED)
         await self.flows.fence.wait_caught_up()
@@ -222,11 +224,9 @@ class Stays:
         event: AccessGranted,
         reason: Literal["initial", "renewal"],
         still_held: Callable[[], bool],
-    ) -> "Outcome":
+    ) -> Outcome:
         """Send the stay's key, unless the guest already holds a working one for it at the same
         contact; then make sure the key is renewed before it expires within the stay."""
-        from worker.flows import Action, Outcome
-
         stay = _stay_of(event)
         contact = contact_digest(event)
         held, before = await self._held(event, stay.reservation_key, contact)
@@ -287,7 +287,7 @@ class Stays:
 
     # -- ending ---------------------------------------------------------------------------------
 
-    async def cancel(self, event: AccessRevoked) -> "Outcome":
+    async def cancel(self, event: AccessRevoked) -> Outcome:
         """A revoke naming a reservation: the stay ends now, and every grant of it that occurred
         before the revoke is fenced."""
         assert event.reservation_key is not None

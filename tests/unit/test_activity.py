@@ -8,13 +8,13 @@ from typing import cast
 from aio_pika.abc import AbstractIncomingMessage
 
 from tests.builders import body, grant
+from worker.actions import Action, Outcome
 from worker.broker.activity import entry
 from worker.broker.decision import DeadLetter, Retry, Settled
 from worker.broker.headers import Bookkeeping
 from worker.broker.settle import Handling
 from worker.commands.activity import SELECTORS, Matcher, what_happened
 from worker.events import KeyCleanup, parse
-from worker.flows import Action, Outcome
 
 
 def handling(raw: bytes, settled: Settled, attempt: int = 1) -> Handling:

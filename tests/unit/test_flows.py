@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.builders import body, grant, revoke
+from worker.actions import Action
 from worker.broker.fence import stay_entry
 from worker.errors import ChannelRefused, Permanent, SeamRejected, Transient
 from worker.events import (
@@ -24,7 +25,7 @@ from worker.events import (
     StayEnd,
     parse,
 )
-from worker.flows import Action, Flows
+from worker.flows import Flows
 from worker.ports import InstantKey, KeyMessage, UserIdentity
 from worker.record import Record, StayRecord, millis
 

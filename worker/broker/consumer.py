@@ -14,6 +14,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from opentelemetry.trace import Tracer
 
 from worker import tracing
+from worker.actions import Action, Outcome
 from worker.broker.connect import BROKER_ERRORS
 from worker.broker.decision import (
     Decision,
@@ -31,7 +32,7 @@ from worker.broker.returns import Returns, key
 from worker.broker.settle import Handling, Settler, held, printable, redelivery, refusal
 from worker.errors import CredentialsRefused, Permanent, Reason, Transient
 from worker.events import ANNOUNCEMENTS, check_size, parse
-from worker.flows import Action, Flows, Outcome
+from worker.flows import Flows
 from worker.metrics import Metrics
 from worker.queues import Names
 from worker.routes import ROUTES, Route, handle

@@ -11,6 +11,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
 from worker import tracing
+from worker.actions import STAY_ACTIONS, Action, Outcome
 from worker.broker.activity import Entry, entry
 from worker.broker.decision import DeadLetter, Retry, Settled
 from worker.broker.settle import Handling, printable
@@ -23,7 +24,6 @@ from worker.events import (
     StayEnd,
     occurred_at,
 )
-from worker.flows import STAY_ACTIONS, Action, Outcome
 from worker.metrics import Metrics
 
 log = logging.getLogger("worker.consumer")

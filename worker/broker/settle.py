@@ -11,6 +11,7 @@ from typing import Any, Protocol, assert_never
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from worker.actions import Outcome
 from worker.broker import headers
 from worker.broker.connect import BROKER_ERRORS
 from worker.broker.decision import (
@@ -47,7 +48,6 @@ from worker.events import (
     event_key,
     glimpse,
 )
-from worker.flows import Outcome
 from worker.routes import Route
 
 log = logging.getLogger("worker.consumer")
