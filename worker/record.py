@@ -226,8 +226,8 @@ class Record:
         old = self.stays.get(key)
         if old is None or new[:3] > old[:3]:
             self.stays[key] = new
-        for name in new.names:
-            self.stays_by_name.setdefault(name, set()).add(key)
+            for name in new.names:
+                self.stays_by_name.setdefault(name, set()).add(key)
 
     def _dump_revokes(self) -> Iterator[Entry]:
         return _parts(dict(self.revoked).items(), "revoke", "many")  # a copy: it changes meanwhile

@@ -13,7 +13,7 @@ from worker.broker.activity import entry
 from worker.broker.decision import DeadLetter, Retry, Settled
 from worker.broker.headers import Bookkeeping
 from worker.broker.settle import Handling
-from worker.commands.activity import SELECTORS, Matcher, what_happened
+from worker.commands.activity import SELECTORS, Matcher, line, what_happened
 from worker.events import KeyCleanup, parse
 
 
@@ -74,3 +74,15 @@ def test_a_grant_s_lookup_also_finds_the_cleanup_of_its_key() -> None:
     assert matches(entry(h))
     assert not matches({"grant_id": "g-2", "key_id": "k-2"})
     assert what_happened(entry(h)) == "cleaned up: key k-1 deleted at its expiry"
+
+
+def test_a_producers_control_characters_never_reach_the_terminal() -> None:
+    event = grant("guest-\x1b]2;owned\x07")
+    h = handling(body(event), Settled.ACKED)
+    h.event = parse(h.message.body, "application/json")
+    h.outcome = Outcome(Action.GRANTED, channel="sms", key_id="k-1")
+
+    shown = line(entry(h))
+
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "identity guest-?]2;owned?" in shown

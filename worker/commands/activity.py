@@ -8,6 +8,7 @@ from typing import Any
 
 from worker.commands import FAILED, OK, Failed, Subcommands, command
 from worker.dlq.command import duration
+from worker.dlq.read import printable
 from worker.dlq.render import stamp
 from worker.queues import Names
 
@@ -122,7 +123,8 @@ def line(entry: Entry) -> str:
         )
         if entry.get(field)
     ]
-    return f"{at}  {kind}  {what_happened(entry)}  [{', '.join(ids)}]"
+    # Producers chose the ids and keys: no control character of theirs reaches the terminal.
+    return printable(f"{at}  {kind}  {what_happened(entry)}  [{', '.join(ids)}]")
 
 
 def what_happened(entry: Entry) -> str:
